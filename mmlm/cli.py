@@ -1,0 +1,208 @@
+"""The ``mmlm`` command line: thin commands that call the package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Assemble, train, ask and evaluate multimodal LLMs.")
+config_app = typer.Typer(no_args_is_help=True, help="Check and show pipeline configs.")
+data_app = typer.Typer(no_args_is_help=True, help="Make data sets.")
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+console = Console()
+
+SetOpt = typer.Option(None, "--set", help="override a config key: --set train.stages.1.lr=2e-5 (repeatable)")
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/] {err}")
+    raise typer.Exit(2)
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    except Exception:  # pragma: no cover
+        pass
+
+
+@config_app.command("validate")
+def config_validate(file: Path, set_: Optional[List[str]] = SetOpt):
+    """Check a pipeline YAML: keys, types, component names and options."""
+    from mmlm.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(file, set_ or [])
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(err)
+    stages = ", ".join(s.name for s in cfg.train.stages) if cfg.train else "none"
+    console.print(f"[green]ok[/] {file}: model {cfg.name}, stages: {stages}")
+
+
+@config_app.command("show")
+def config_show(file: Path, set_: Optional[List[str]] = SetOpt):
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    from mmlm.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(file, set_ or [])
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(err)
+    typer.echo(cfg.to_yaml())
+
+
+@app.command("list")
+def list_parts():
+    """Every registered encoder, connector, LLM source and data format."""
+    from mmlm.registry import ALL
+
+    for kind, reg in ALL.items():
+        console.print(f"[bold]{kind}[/]")
+        for e in reg.entries():
+            console.print(f"  {e.name:<14} {e.summary}")
+
+
+@data_app.command("shapes")
+def data_shapes(out: Path = typer.Option(..., help="output folder"), n: int = typer.Option(1000, help="images"),
+                seed: int = typer.Option(0, help="seed (use disjoint seeds for held-out splits)"),
+                image_size: int = typer.Option(96, help="image side in pixels")):
+    """Write the shapes world: PNG images, captions and VQA in LLaVA JSON, per-patch labels."""
+    from mmlm.data.shapes import generate
+
+    info = generate(out, n, seed=seed, image_size=image_size)
+    console.print(f"wrote {info['n_images']} images and {info['n_questions']} questions to {out} ({info['by_type']})")
+
+
+@app.command("train")
+def train_cmd(config: Path, out: Optional[Path] = typer.Option(None, help="run folder (default runs/NAME)"),
+              stage: Optional[str] = typer.Option(None, help="run only this stage"),
+              resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last saved step"),
+              set_: Optional[List[str]] = SetOpt):
+    """Train the stages a pipeline YAML declares; each stage ends in a checkpoint."""
+    _quiet()
+    from mmlm.config import ConfigError, load_config
+    from mmlm.processor import SampleError
+    from mmlm.train.progress import ConsoleReporter
+    from mmlm.train.runner import RunExists, train
+
+    try:
+        import yaml
+
+        name = (yaml.safe_load(Path(config).read_text()) or {}).get("name", "mmlm") if Path(config).is_file() else Path(config).stem
+        out = out or Path("runs") / name
+        cfg = load_config(config, set_ or [], variables={"out": str(out)})
+        train(cfg, out, stage=stage, resume=resume, reporter=ConsoleReporter())
+    except (ConfigError, RunExists, SampleError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"checkpoint: {out / 'final'}")
+
+
+@app.command("ask")
+def ask_cmd(checkpoint: Path, question: str, image: Optional[Path] = typer.Option(None, help="image file"),
+            max_new_tokens: int = 64, temperature: float = 0.0, stream: bool = False):
+    """Answer one question about an image with a trained checkpoint."""
+    _quiet()
+    from PIL import Image
+
+    from mmlm.model import load
+
+    try:
+        model = load(checkpoint)
+    except FileNotFoundError as err:
+        _fail(err)
+    img = None
+    if image is not None:
+        if not image.is_file():
+            _fail(FileNotFoundError(f"--image: no such file: {image}"))
+        img = Image.open(image).convert("RGB")
+    if stream:
+        def emit(step, toks):
+            if toks[0] >= 0:
+                sys.stdout.write(model.processor.tokenizer.decode([toks[0]]) + " ")
+                sys.stdout.flush()
+        model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit)
+        print()
+    else:
+        print(model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature))
+
+
+def _print_table(title: str, m: dict) -> None:
+    t = Table(title=title)
+    t.add_column("question type")
+    t.add_column("n", justify="right")
+    t.add_column("accuracy", justify="right")
+    for k, v in m["by_type"].items():
+        t.add_row(k, str(m.get("n_by_type", {}).get(k, "")), f"{v:.3f}")
+    t.add_row("[bold]all[/]", str(m["n_eval"]), f"[bold]{m['vqa_accuracy']:.3f}[/]")
+    console.print(t)
+
+
+@app.command("eval")
+def eval_cmd(checkpoint: Path, data: Path = typer.Option(..., help="LLaVA JSON/JSONL or questions JSONL"),
+             image_root: Optional[Path] = typer.Option(None, help="folder the image paths are relative to"),
+             out: Optional[Path] = typer.Option(None, help="write metrics JSON here"),
+             max_questions: Optional[int] = None, batch_size: int = 64, max_new_tokens: int = 16):
+    """Exact-match accuracy, overall and per question type."""
+    _quiet()
+    from mmlm.data.dataset import StageDataset
+    from mmlm.data.sources import read_llava
+    from mmlm.evaluate import evaluate
+    from mmlm.model import load
+
+    try:
+        model = load(checkpoint)
+        recs = read_llava({"path": str(data), "image_root": str(image_root) if image_root else None})
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    ds = StageDataset(recs, model.processor, "skip", name=str(data))
+    if ds.skipped:
+        console.print(f"skipped {sum(ds.skipped.values())} samples: {dict(ds.skipped)}")
+    m = evaluate(model, ds, max_questions=max_questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    _print_table(f"{checkpoint} on {data}", m)
+    if out:
+        out.write_text(json.dumps(m, indent=2))
+
+
+@app.command("demo")
+def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set_: Optional[List[str]] = SetOpt):
+    """Generate the shapes world, train the tiny recipe, evaluate on held-out questions."""
+    _quiet()
+    from mmlm.demo import run_demo
+    from mmlm.train.progress import ConsoleReporter
+
+    m = run_demo(out, set_ or [], reporter=ConsoleReporter())
+    if m.get("curve"):
+        t = Table(title="accuracy curve (held-out subset)")
+        for col in ("step", "seconds", "loss", "accuracy"):
+            t.add_column(col, justify="right")
+        for pt in m["curve"]:
+            t.add_row(str(pt["step"]), str(pt["seconds"]), f"{pt['loss']:.3f}", f"{pt['vqa_accuracy']:.3f}")
+        console.print(t)
+    _print_table(f"held-out VQA ({m['n_eval']} questions)", m)
+    console.print(f"wall time {m['wall_seconds']}s; metrics: {out / 'metrics.json'}")
+    img = sorted((out / "data" / "heldout" / "images").glob("*.png"))
+    console.print("ask the trained model:\n  mmlm ask " + f"{out / 'final'} --image {img[0] if img else 'IMAGE.png'} \"what shape is the red object?\"")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,337 @@
+"""Typed schema of a pipeline YAML.
+
+``load_config(path, overrides)`` reads the YAML, applies ``--set a.b.1.c=value`` overrides, checks
+every key and type, and checks each component's ``type`` against its registry and the component's
+own options model. Every error names the full key path (``model.connectors.image.type``) and, where
+there is a closed set, the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A pipeline config is wrong; ``path`` is the dotted key path of the offending entry."""
+
+    def __init__(self, message: str, path: str = ""):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Component(BaseModel):
+    """A registry-built part: ``type`` picks the builder, every other key is one of its options."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    type: str
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DataSource(BaseModel):
+    """One data source of a stage; ``format`` picks the reader (llava, jsonl, hf, shapes)."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    format: str
+    weight: float = 1.0
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ModelConfig(Strict):
+    encoders: dict[str, Component] = Field(default_factory=dict)
+    connectors: dict[str, Component] = Field(default_factory=dict)
+    llm: Component
+
+    @model_validator(mode="after")
+    def _pairs(self):
+        for m in self.encoders:
+            if m not in self.connectors:
+                raise ValueError(f"encoder {m!r} has no connector; add model.connectors.{m}")
+        for m in self.connectors:
+            if m not in self.encoders:
+                raise ValueError(f"connector {m!r} has no encoder; add model.encoders.{m}")
+        return self
+
+
+class ProcessorConfig(Strict):
+    max_length: int = Field(512, gt=8)
+    padding_side: Literal["left", "right"] = "right"
+    chat_template: Literal["auto", "builtin"] = "auto"
+    system_prompt: str | None = None
+
+
+Schedule = Literal["cosine", "linear", "constant"]
+Precision = Literal["no", "fp16", "bf16"]
+
+
+class StageConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    data: list[DataSource] = Field(min_length=1)
+    objective: Literal["lm", "contrastive"] = "lm"
+    trainable: list[str] = Field(default_factory=lambda: ["*"])
+    frozen: list[str] = Field(default_factory=list)
+    lr: float = Field(1e-4, gt=0)
+    lr_groups: dict[str, float] = Field(default_factory=dict)
+    weight_decay: float = Field(0.0, ge=0)
+    steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    schedule: Schedule = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    precision: Precision = "no"
+    gradient_checkpointing: bool = False
+    max_grad_norm: float | None = 1.0
+    save_every: int = Field(200, gt=0)
+    eval_every: int | None = Field(None, gt=0)
+    on_bad_sample: Literal["error", "skip"] = "error"
+    num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _length(self):
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of 'steps' or 'epochs'")
+        return self
+
+
+class EvalConfig(Strict):
+    data: list[DataSource] = Field(min_length=1)
+    max_questions: int | None = Field(None, gt=0)
+    batch_size: int = Field(64, gt=0)
+    max_new_tokens: int = Field(8, gt=0)
+
+
+class TrainConfig(Strict):
+    seed: int = 0
+    stages: list[StageConfig] = Field(min_length=1)
+    eval: EvalConfig | None = None
+    threads: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [s.name for s in self.stages]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
+        return self
+
+
+class PipelineConfig(Strict):
+    name: str = "mmlm"
+    model: ModelConfig
+    processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
+    train: TrainConfig | None = None
+
+    def stage(self, name: str) -> StageConfig:
+        if self.train is None:
+            raise ConfigError("this config declares no training stages", "train")
+        for s in self.train.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(
+            f"no stage named {name!r}; stages: {', '.join(s.name for s in self.train.stages)}",
+            "train.stages",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides and variables
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one ``a.b.1.c=value`` assignment in place. List items can be addressed by index or,
+    when they are mappings with a ``name`` key, by that name (``train.stages.align.lr=1e-3``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} is not of the form key.path=value", "--set")
+    key, value = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {assignment!r} names no key", "--set")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, list):
+            idx = None
+            if re.fullmatch(r"-?\d+", part):
+                idx = int(part)
+                if not -len(node) <= idx < len(node):
+                    raise ConfigError(f"index {idx} out of range (the list has {len(node)} items)", where)
+            else:
+                for j, item in enumerate(node):
+                    if isinstance(item, dict) and item.get("name") == part:
+                        idx = j
+                if idx is None:
+                    raise ConfigError(f"no list item named {part!r}", where)
+            if last:
+                node[idx] = _parse_value(value)
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = _parse_value(value)
+            else:
+                if part not in node or node[part] is None:
+                    node[part] = {}
+                node = node[part]
+        else:
+            raise ConfigError(f"cannot set a key inside a {type(node).__name__}", where)
+
+
+def _substitute(obj: Any, variables: dict[str, str]) -> Any:
+    if isinstance(obj, str):
+        def rep(m):
+            name = m.group(1)
+            if name in variables:
+                return str(variables[name])
+            if name in os.environ:
+                return os.environ[name]
+            raise ConfigError(f"unknown variable ${{{name}}}; known: {', '.join(sorted(variables))}")
+        return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", rep, obj)
+    if isinstance(obj, list):
+        return [_substitute(v, variables) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, variables) for k, v in obj.items()}
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+
+
+def _loc(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
+
+
+def _format_errors(err: ValidationError, prefix: str = "", fields: list[str] | None = None) -> ConfigError:
+    lines = []
+    first_path = ""
+    for e in err.errors():
+        path = ".".join(p for p in (prefix, _loc(e["loc"])) if p)
+        first_path = first_path or path
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+            if fields:
+                msg += f"; valid keys: {', '.join(fields)}"
+        elif e["type"] == "literal_error" and "expected" in (e.get("ctx") or {}):
+            msg = f"invalid value {e.get('input')!r}; valid choices: {e['ctx']['expected']}"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{path}: {msg}" if path else msg)
+    exc = ConfigError("; ".join(lines))
+    exc.path = first_path
+    return exc
+
+
+def _validate_options(registry, comp, path: str, key: str = "type") -> dict[str, Any]:
+    from mmlm.registry import UnknownComponentError
+
+    name = getattr(comp, key)
+    try:
+        entry = registry.get(name)
+    except UnknownComponentError:
+        raise ConfigError(
+            f"unknown {registry.kind} {name!r}; valid choices: {', '.join(registry.names())}", f"{path}.{key}"
+        ) from None
+    opts = comp.options()
+    if entry.options is None:
+        return opts
+    try:
+        parsed = entry.options.model_validate(opts)
+    except ValidationError as err:
+        raise _format_errors(err, path, list(entry.options.model_fields)) from None
+    return parsed.model_dump(mode="python")
+
+
+def validate_components(cfg: PipelineConfig) -> None:
+    from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES
+
+    for m, comp in cfg.model.encoders.items():
+        _validate_options(ENCODERS, comp, f"model.encoders.{m}")
+    for m, comp in cfg.model.connectors.items():
+        _validate_options(CONNECTORS, comp, f"model.connectors.{m}")
+    _validate_options(LLM_SOURCES, cfg.model.llm, "model.llm")
+    if cfg.train is not None:
+        for i, st in enumerate(cfg.train.stages):
+            for j, src in enumerate(st.data):
+                _validate_options(DATA_FORMATS, src, f"train.stages.{i}.data.{j}", key="format")
+        if cfg.train.eval is not None:
+            for j, src in enumerate(cfg.train.eval.data):
+                _validate_options(DATA_FORMATS, src, f"train.eval.data.{j}", key="format")
+
+
+def parse_config(raw: dict, overrides: list[str] | tuple[str, ...] = (), variables: dict | None = None) -> PipelineConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("a pipeline config must be a mapping at the top level")
+    raw = copy.deepcopy(raw)
+    for ov in overrides:
+        apply_override(raw, ov)
+    name = raw.get("name", "mmlm")
+    variables = {"out": f"runs/{name}", **(variables or {})}
+    raw = _substitute(raw, variables)
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise _format_errors(err, fields=None) from None
+    validate_components(cfg)
+    return cfg
+
+
+def load_config(
+    path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), variables: dict | None = None
+) -> PipelineConfig:
+    """Read a pipeline YAML (a file path, or the name of a recipe in ``configs/``)."""
+    p = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    return parse_config(raw, overrides, variables)
+
+
+def recipes_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for cand in (here / "recipes", here.parent / "configs"):
+        if cand.is_dir():
+            return cand
+    return here / "recipes"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (recipes_dir() / p.name, recipes_dir() / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"config file not found: {path}")

@@ -1,0 +1,91 @@
+"""A stage's samples: records checked up front against the processor (lengths, media counts,
+image paths), with an ``on_bad_sample`` policy: ``error`` stops at the first bad sample naming its
+index and source, ``skip`` drops it and counts why."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, UnidentifiedImageError
+
+from mmlm.data.records import Record, resolve_image
+from mmlm.processor import Encoded, Processor, SampleError
+
+log = logging.getLogger(__name__)
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {path}", "missing image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise SampleError(f"image {path} cannot be decoded: {err}", "corrupt image") from None
+
+
+class StageDataset:
+    def __init__(self, records: Sequence[Record], processor: Processor, policy: str = "error", name: str = "data"):
+        self.processor = processor
+        self.policy = policy
+        self.name = name
+        self.skipped: Counter = Counter()
+        self.records: list[Record] = []
+        self.paths: list[list] = []
+        for i, rec in enumerate(records):
+            try:
+                self.paths.append(self._check(rec, i))
+                self.records.append(rec)
+            except SampleError as err:
+                self._bad(err, i, rec)
+
+    def _bad(self, err: SampleError, i: int, rec: Record) -> None:
+        msg = f"{rec.source or self.name}: sample {i} (id {rec.id}): {str(err).split(': ', 1)[-1] if str(err).startswith('sample ') else err}"
+        if self.policy == "error":
+            raise SampleError(msg, err.reason, i) from None
+        self.skipped[err.reason] += 1
+        log.debug("skipped %s", msg)
+
+    def _check(self, rec: Record, i: int) -> list:
+        if "error" in rec.info:
+            raise rec.info["error"]
+        paths = []
+        for img in rec.images:
+            if isinstance(img, str):
+                p = resolve_image(rec.image_root, img)
+                if not p.is_file():
+                    raise SampleError(f"image not found: {p}", "missing image")
+                paths.append(p)
+            else:
+                paths.append(img)
+        n_ph = sum(m["content"].count("<image>") for m in rec.messages)
+        if n_ph != len(rec.images):
+            raise SampleError(f"{n_ph} <image> placeholders but {len(rec.images)} images", "media count mismatch")
+        if not any(m["role"] == "assistant" for m in rec.messages):
+            raise SampleError("no assistant turn to learn from", "no target")
+        n = self.processor.count_tokens(rec.messages)
+        if n > self.processor.config.max_length:
+            raise SampleError(
+                f"{n} tokens (media tokens included) exceed processor.max_length={self.processor.config.max_length}; "
+                "rejected, not truncated", "too long")
+        return paths
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, i: int) -> Encoded:
+        """Encode sample ``i``; raises SampleError for a sample that turns out bad (corrupt image)."""
+        rec = self.records[i]
+        images = [open_image(p) if isinstance(p, Path) else p for p in self.paths[i]]
+        return self.processor.encode(rec.messages, {"image": images} if images else None, index=i, meta=rec.meta)
+
+    def texts(self):
+        for rec in self.records:
+            for m in rec.messages:
+                yield m["content"].replace("<image>", " ")
+
+    def report(self) -> dict:
+        return {"used": len(self.records), "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped)}

@@ -1,0 +1,155 @@
+"""Readers for the data formats a stage can name: ``llava`` (JSON / JSONL), ``hf`` (datasets), and
+``shapes`` (the synthetic world, generated on first use)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmlm.data.records import Record, llava_messages
+from mmlm.processor import SampleError
+from mmlm.registry import DATA_FORMATS
+
+
+class SourceOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_samples: int | None = Field(None, gt=0)
+
+
+class LlavaOptions(SourceOptions):
+    path: str  # .json (a list) or .jsonl (one object per line)
+    image_root: str | None = None  # default: the file's folder
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    if path.suffix == ".jsonl":
+        rows = []
+        with open(path) as f:
+            for ln, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{ln}: not valid JSON: {err}") from None
+        return rows
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples")
+    return data
+
+
+def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -> Record:
+    where = f"{source}[{index}]"
+    images = row.get("image", row.get("images", []))
+    images = [images] if isinstance(images, str) else list(images or [])
+    if "conversations" in row or "messages" in row:
+        msgs = llava_messages(row.get("conversations") or row.get("messages"), bool(images), where)
+        info = {k: row[k] for k in ("question_types",) if k in row}
+    elif "question" in row:
+        q = row["question"]
+        if images and "<image>" not in q:
+            q = "<image>\n" + q
+        msgs = [{"role": "user", "content": q}]
+        if "answer" in row:
+            msgs.append({"role": "assistant", "content": str(row["answer"])})
+        info = {"question_types": [row.get("type", "all")]}
+    else:
+        raise SampleError(f"{where}: needs 'conversations' (LLaVA) or 'question'/'answer' keys", "bad format", index)
+    return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source)
+
+
+@DATA_FORMATS.register("llava", options=LlavaOptions, summary="LLaVA-format JSON or JSONL, images under image_root")
+def read_llava(opts: dict) -> list[Record]:
+    o = LlavaOptions(**opts)
+    path = Path(o.path)
+    root = Path(o.image_root) if o.image_root else path.parent
+    rows = _read_json_rows(path)[: o.max_samples]
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(row_to_record(row, i, str(path), root))
+        except SampleError as err:
+            out.append(Record(str(i), [], [], root, {}, {"error": err}, str(path)))
+    return out
+
+
+class HFOptions(SourceOptions):
+    path: str  # a directory saved with Dataset.save_to_disk, or a dataset name/path for load_dataset
+    split: str = "train"
+    image_column: str = "image"
+    conversations_column: str = "conversations"
+
+
+@DATA_FORMATS.register("hf", options=HFOptions, summary="a Hugging Face dataset (save_to_disk folder or load_dataset path)")
+def read_hf(opts: dict) -> list[Record]:
+    import datasets
+
+    o = HFOptions(**opts)
+    p = Path(o.path)
+    if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            ds = ds[o.split]
+    else:
+        ds = datasets.load_dataset(o.path, split=o.split)
+    if o.max_samples:
+        ds = ds.select(range(min(o.max_samples, len(ds))))
+    out = []
+    for i, row in enumerate(ds):
+        imgs = row.get(o.image_column)
+        imgs = [] if imgs is None else (list(imgs) if isinstance(imgs, list) else [imgs])
+        conv = row.get(o.conversations_column)
+        try:
+            if conv is None:
+                raise SampleError(f"{o.path}[{i}]: no column {o.conversations_column!r}", "bad format", i)
+            msgs = llava_messages(conv, bool(imgs), f"{o.path}[{i}]")
+            out.append(Record(str(row.get("id", i)), msgs, imgs, None, {}, {}, o.path))
+        except SampleError as err:
+            out.append(Record(str(i), [], [], None, {}, {"error": err}, o.path))
+    return out
+
+
+class ShapesOptions(SourceOptions):
+    path: str  # folder; generated there on first use
+    n: int = Field(gt=0)
+    seed: int = 0
+    image_size: int = Field(96, gt=0)
+    task: Literal["captions", "vqa", "questions"] = "vqa"
+    questions_per_image: int | None = Field(None, gt=0)
+
+
+@DATA_FORMATS.register("shapes", options=ShapesOptions, summary="the synthetic shapes world (generated on first use)")
+def read_shapes(opts: dict) -> list[Record]:
+    from mmlm.data import shapes
+
+    o = ShapesOptions(**opts)
+    root = Path(o.path)
+    want = {"n_images": o.n, "seed": o.seed, "image_size": o.image_size}
+    info_file = root / "world.json"
+    if info_file.is_file():
+        have = json.loads(info_file.read_text())
+        if any(have.get(k) != v for k, v in want.items()):
+            raise ValueError(
+                f"{root} holds a shapes world with {({k: have.get(k) for k in want})}, not {want}; "
+                "use another path or delete it"
+            )
+    else:
+        shapes.generate(root, o.n, seed=o.seed, image_size=o.image_size, questions_per_image=o.questions_per_image)
+    file = {"captions": "captions.json", "vqa": "vqa.json", "questions": "questions.jsonl"}[o.task]
+    records = read_llava({"path": str(root / file), "image_root": str(root), "max_samples": o.max_samples})
+    scenes = {s["image"]: s for s in json.loads((root / "scenes.json").read_text())}
+    for r in records:
+        r.meta = {"patch_labels": [scenes[img]["patch_labels"] for img in r.images if img in scenes]}
+        if len(r.meta["patch_labels"]) != len(r.images):
+            r.meta = {}
+    return records
+
+
+def read_source(src, where: str = "data") -> list[Record]:
+    entry = DATA_FORMATS.get(src.format, where=f"{where}.format")
+    return entry.builder(src.options())

@@ -1,0 +1,91 @@
+"""Exact-match VQA evaluation: every assistant turn of the evaluation data is a question, asked with
+the gold conversation before it; answers are compared after normalisation (case, punctuation,
+articles, spaces)."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from mmlm.data.dataset import StageDataset
+from mmlm.data.records import Record
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+
+
+def normalize(text: str) -> str:
+    text = text.lower().strip()
+    text = text.translate(str.maketrans("", "", string.punctuation))
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+@dataclass
+class Question:
+    messages: list[dict]
+    answer: str
+    type: str
+    record: int
+
+
+def questions_from(records: Sequence[Record]) -> list[Question]:
+    out = []
+    for ri, rec in enumerate(records):
+        types = list(rec.info.get("question_types", []))
+        k = 0
+        for i, m in enumerate(rec.messages):
+            if m["role"] != "assistant":
+                continue
+            qtype = types[k] if k < len(types) else "all"
+            out.append(Question(rec.messages[:i], m["content"], qtype, ri))
+            k += 1
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, data: StageDataset, max_questions: int | None = None, batch_size: int = 64,
+             max_new_tokens: int = 8, return_predictions: bool = False) -> dict[str, Any]:
+    """Greedy answers to every question of ``data``; accuracy overall and by question type."""
+    proc = model.processor
+    qs = questions_from(data.records)[:max_questions]
+    correct: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    preds = []
+    image_cache: dict[int, list] = {}
+    from mmlm.data.dataset import open_image
+    from pathlib import Path
+
+    for start in range(0, len(qs), batch_size):
+        chunk = qs[start:start + batch_size]
+        encoded = []
+        for q in chunk:
+            if q.record not in image_cache:
+                image_cache = {q.record: [open_image(p) if isinstance(p, Path) else p for p in data.paths[q.record]]}
+            imgs = image_cache[q.record]
+            n_img = sum(m["content"].count("<image>") for m in q.messages)
+            encoded.append(proc.encode(q.messages, {"image": imgs[:n_img]} if n_img else None,
+                                       add_generation_prompt=True, index=q.record))
+        batch = proc.collate(encoded, padding_side="left")
+        outs = model.generate(batch, max_new_tokens=max_new_tokens)
+        for q, ids in zip(chunk, outs):
+            pred = proc.decode(ids)
+            ok = int(normalize(pred) == normalize(q.answer))
+            for key in (q.type, "__all__"):
+                correct[key][0] += ok
+                correct[key][1] += 1
+            if return_predictions:
+                preds.append({"question": q.messages[-1]["content"], "answer": q.answer, "prediction": pred, "type": q.type, "correct": bool(ok)})
+    total = correct.pop("__all__", [0, 0])
+    result = {
+        "vqa_accuracy": total[0] / total[1] if total[1] else 0.0,
+        "n_eval": total[1],
+        "by_type": {t: c / n for t, (c, n) in sorted(correct.items())},
+        "n_by_type": {t: n for t, (c, n) in sorted(correct.items())},
+    }
+    if return_predictions:
+        result["predictions"] = preds
+    return result

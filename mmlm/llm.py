@@ -1,0 +1,223 @@
+"""Load the LLM and its tokenizer: a hub id or local directory (``hf``), a GGUF file (``gguf``), or a
+config dict trained from scratch with a tokenizer fitted on the training text (``scratch``).
+
+The LLM is a plain Hugging Face ``PreTrainedModel`` used by composition; nothing here subclasses it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmlm.registry import LLM_SOURCES
+
+AttnImpl = Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"]
+DType = Literal["float32", "bfloat16", "float16"]
+
+# markers of the built-in chat template; a tokenizer trained here gets them as special tokens
+CHAT_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", *CHAT_MARKERS.values()]
+
+
+class LLMOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    attn_implementation: AttnImpl = "auto"
+    dtype: DType = "float32"
+
+
+class HFOptions(LLMOptions):
+    path: str  # hub id or local directory
+    revision: str | None = None
+    tokenizer: str | None = None  # another hub id / directory for the tokenizer
+
+
+class GGUFOptions(LLMOptions):
+    # a .gguf file, a directory holding one (then ``file`` names it), or ``pkg://PACKAGE/FILE`` for
+    # a file shipped inside an installed package (found without importing the package)
+    path: str
+    file: str | None = None
+
+
+class TokenizerSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["word", "bpe"] = "word"
+    vocab_size: int = Field(4096, gt=len(SPECIAL_TOKENS))
+    min_frequency: int = Field(1, ge=1)
+    lowercase: bool = True
+
+
+class ScratchOptions(LLMOptions):
+    config: dict[str, Any]  # transformers config kwargs; must name ``model_type`` (llama, qwen2, ...)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+
+
+@dataclass
+class LoadedLLM:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any  # transformers PreTrainedTokenizerBase
+    pretrained: bool  # True when weights came from a source that the checkpoint can reference
+    tokenizer_trained: bool = False  # True when the tokenizer was fitted here (saved with checkpoints)
+
+
+def resolve_attn_implementation(requested: str) -> str:
+    cuda = torch.cuda.is_available()
+    has_fa = importlib.util.find_spec("flash_attn") is not None
+    if requested == "auto":
+        return "flash_attention_2" if (cuda and has_fa) else "sdpa"
+    if requested == "flash_attention_2" and not (cuda and has_fa):
+        missing = [w for w, ok in (("a CUDA device", cuda), ("the flash-attn package", has_fa)) if not ok]
+        raise RuntimeError(
+            "model.llm.attn_implementation: 'flash_attention_2' needs " + " and ".join(missing)
+            + "; use 'auto' (flash attention where available, else sdpa), 'sdpa' or 'eager'"
+        )
+    return requested
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _ensure_pad(tokenizer) -> None:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
+
+
+@LLM_SOURCES.register("hf", options=HFOptions, summary="any causal LM from a hub id or a local directory")
+def load_hf(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    o = HFOptions(**opts)
+    attn = resolve_attn_implementation(o.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        o.path, revision=o.revision, dtype=_dtype(o.dtype), attn_implementation=attn
+    )
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir or o.tokenizer or o.path, revision=o.revision)
+    _ensure_pad(tok)
+    return LoadedLLM(model, tok, pretrained=True)
+
+
+def resolve_gguf(path: str, file: str | None = None) -> tuple[Path, str]:
+    """Return (folder, file name) of a GGUF file given a file, a folder or ``pkg://PACKAGE/FILE``."""
+    if path.startswith("pkg://"):
+        pkg, _, rest = path[len("pkg://"):].partition("/")
+        spec = importlib.util.find_spec(pkg)  # locates the package without importing it
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.llm.path: package {pkg!r} is not installed")
+        p = Path(list(spec.submodule_search_locations)[0]) / rest
+    else:
+        p = Path(os.path.expanduser(path))
+    if p.is_dir():
+        if file is None:
+            found = sorted(p.glob("*.gguf"))
+            if len(found) != 1:
+                raise FileNotFoundError(
+                    f"model.llm.path: {p} holds {len(found)} .gguf files; name one with model.llm.file"
+                )
+            return p, found[0].name
+        if not (p / file).is_file():
+            raise FileNotFoundError(f"model.llm.file: no such file: {p / file}")
+        return p, file
+    if not p.is_file():
+        raise FileNotFoundError(f"model.llm.path: no such GGUF file: {p}")
+    return p.parent, p.name
+
+
+@LLM_SOURCES.register("gguf", options=GGUFOptions, summary="a causal LM from a local GGUF file (dequantised)")
+def load_gguf(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    o = GGUFOptions(**opts)
+    folder, name = resolve_gguf(o.path, o.file)
+    attn = resolve_attn_implementation(o.attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(folder), gguf_file=name, dtype=_dtype(o.dtype), attn_implementation=attn
+    )
+    if tokenizer_dir and Path(tokenizer_dir, "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    _ensure_pad(tok)
+    return LoadedLLM(model, tok, pretrained=True)
+
+
+def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec):
+    """Fit a word-level or byte-level BPE tokenizer on ``texts`` with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if spec.type == "word":
+        tk = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.Whitespace()
+        trainer = trainers.WordLevelTrainer(
+            vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=SPECIAL_TOKENS
+        )
+    else:
+        tk = Tokenizer(models.BPE(unk_token=None))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=spec.vocab_size,
+            min_frequency=spec.min_frequency,
+            special_tokens=SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+    if spec.lowercase:
+        tk.normalizer = normalizers.Lowercase()
+    tk.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=list(CHAT_MARKERS.values()),
+        clean_up_tokenization_spaces=False,
+    )
+    return tok
+
+
+@LLM_SOURCES.register("scratch", options=ScratchOptions, summary="a causal LM built from a config, tokenizer fitted on the data")
+def load_scratch(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    o = ScratchOptions(**opts)
+    cfg = dict(o.config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise ValueError("model.llm.config.model_type is required (e.g. llama, qwen2, gpt2)")
+    trained = False
+    if tokenizer_dir and Path(tokenizer_dir, "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    else:
+        if texts is None:
+            raise ValueError(
+                "model.llm: a 'scratch' LLM fits its tokenizer on the training text; none was given "
+                "(build it through a training stage, or load a checkpoint that holds the tokenizer)"
+            )
+        tok = train_tokenizer(texts, o.tokenizer)
+        trained = True
+    try:
+        conf = AutoConfig.for_model(
+            model_type,
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            **cfg,
+        )
+    except ValueError as err:
+        raise ValueError(f"model.llm.config.model_type: {err}") from None
+    attn = resolve_attn_implementation(o.attn_implementation)
+    model = AutoModelForCausalLM.from_config(conf, attn_implementation=attn, dtype=_dtype(o.dtype))
+    return LoadedLLM(model, tok, pretrained=False, tokenizer_trained=trained)
+
+
+def load_llm(component, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+    entry = LLM_SOURCES.get(component.type, where="model.llm.type")
+    return entry.builder(component.options(), texts=texts, tokenizer_dir=tokenizer_dir)

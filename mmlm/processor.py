@@ -1,0 +1,254 @@
+"""Chat template, placeholder expansion, label masking, batching and padding.
+
+Each ``<image>`` in a user turn becomes exactly ``num_tokens`` placeholder ids (a negative id that
+never reaches the LLM's embedding table); the model later writes the connector's output at those
+positions. Labels are -100 everywhere but the assistant turns. A sample longer than ``max_length``
+is rejected with its index: it is never truncated, so a media run can never be cut.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from mmlm.config import ProcessorConfig
+from mmlm.llm import CHAT_MARKERS
+
+IGNORE_INDEX = -100
+
+
+class SampleError(ValueError):
+    """A sample cannot be used; ``reason`` is a short category for skip counts."""
+
+    def __init__(self, message: str, reason: str, index: int | None = None):
+        self.reason = reason
+        self.index = index
+        where = f"sample {index}: " if index is not None else ""
+        super().__init__(where + message)
+
+
+class SampleTooLong(SampleError):
+    def __init__(self, length: int, max_length: int, index: int | None = None):
+        self.length = length
+        self.max_length = max_length
+        super().__init__(
+            f"{length} tokens (media tokens included) exceed processor.max_length={max_length}; "
+            "the sample is rejected rather than truncated",
+            "too long",
+            index,
+        )
+
+
+@dataclass
+class MediaSpec:
+    placeholder: str  # the text marker in messages, e.g. "<image>"
+    token_id: int  # negative id written into input_ids, e.g. -200
+    num_tokens: int  # how many LLM positions one item occupies
+    transform: Callable[[Any], torch.Tensor]  # raw item (PIL image) -> tensor the encoder takes
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    media: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+
+
+MEDIA_TOKEN_IDS = {"image": -200, "audio": -300}
+
+
+class Processor:
+    def __init__(self, tokenizer, media: dict[str, MediaSpec], config: ProcessorConfig | None = None):
+        self.tokenizer = tokenizer
+        self.media = media
+        self.config = config or ProcessorConfig()
+        self.use_template = self.config.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    # ------------------------------------------------------------------ text
+    def _tok(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _segments(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """Split the rendered conversation into (text, supervised) pieces."""
+        for i, m in enumerate(messages):
+            if m.get("role") not in ("system", "user", "assistant"):
+                raise SampleError(f"message {i} has role {m.get('role')!r}; expected system, user or assistant", "bad format")
+            if not isinstance(m.get("content"), str):
+                raise SampleError(f"message {i} has no text 'content'", "bad format")
+        if self.config.system_prompt and not any(m["role"] == "system" for m in messages):
+            messages = [{"role": "system", "content": self.config.system_prompt}, *messages]
+        if self.use_template:
+            return self._template_segments(list(messages), add_generation_prompt)
+        return self._builtin_segments(messages, add_generation_prompt)
+
+    def _builtin_segments(self, messages, add_generation_prompt):
+        segs: list[tuple[str, bool]] = []
+        bos = self.tokenizer.bos_token
+        if bos:
+            segs.append((bos, False))
+        for m in messages:
+            marker = CHAT_MARKERS[m["role"]]
+            if m["role"] == "assistant":
+                segs.append((f"{marker}\n", False))
+                segs.append((f"{m['content']}{CHAT_MARKERS['end']}", True))
+                segs.append(("\n", False))
+            else:
+                segs.append((f"{marker}\n{m['content']}{CHAT_MARKERS['end']}\n", False))
+        if add_generation_prompt:
+            segs.append((f"{CHAT_MARKERS['assistant']}\n", False))
+        return segs
+
+    def _render(self, messages, add_generation_prompt: bool) -> str:
+        if not messages:
+            return ""
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _template_segments(self, messages, add_generation_prompt):
+        """Use the tokenizer's own template; assistant spans are found by rendering prefixes, so
+        the supervised text is exactly what the template writes for that turn (end-of-turn included)."""
+        segs: list[tuple[str, bool]] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self._render(messages[:i], add_generation_prompt=True)
+            through = self._render(messages[: i + 1], add_generation_prompt=False)
+            if not before.startswith(done) or not through.startswith(before):
+                raise SampleError(
+                    "the tokenizer's chat template does not render conversations prefix by prefix, so "
+                    "assistant turns cannot be located; set processor.chat_template: builtin",
+                    "bad template",
+                )
+            segs.append((before[len(done):], False))
+            segs.append((through[len(before):], True))
+            done = through
+        tail = self._render(messages, add_generation_prompt=add_generation_prompt)
+        if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
+            tail = tail if len(tail) > len(done) else done
+        if not tail.startswith(done):
+            raise SampleError("chat template output is not prefix-stable; set processor.chat_template: builtin", "bad template")
+        if len(tail) > len(done):
+            segs.append((tail[len(done):], False))
+        return segs
+
+    # ------------------------------------------------------------------ samples
+    def encode(
+        self,
+        messages: Sequence[dict],
+        media: dict[str, Sequence[Any]] | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        index: int | None = None,
+        meta: dict[str, Sequence[Any]] | None = None,
+    ) -> Encoded:
+        """Tokenise one conversation. ``media`` maps a modality to its items in order of appearance."""
+        media = dict(media or {})
+        for name in media:
+            if name not in self.media:
+                raise SampleError(f"this model has no {name!r} encoder; it takes {sorted(self.media) or 'text only'}", "bad media", index)
+        try:
+            segs = self._segments(messages, add_generation_prompt)
+        except SampleError as err:
+            err.index = index
+            raise SampleError(str(err), err.reason, index) from None
+        ids: list[int] = []
+        labels: list[int] = []
+        used = {name: 0 for name in self.media}
+        markers = {spec.placeholder: name for name, spec in self.media.items()}
+        import re
+
+        splitter = re.compile("(" + "|".join(re.escape(p) for p in markers) + ")") if markers else None
+        for text, supervised in segs:
+            pieces = splitter.split(text) if splitter else [text]
+            for piece in pieces:
+                if piece in markers:
+                    if supervised:
+                        raise SampleError(f"an assistant turn contains {piece}; media belongs in user turns", "bad format", index)
+                    name = markers[piece]
+                    spec = self.media[name]
+                    ids.extend([spec.token_id] * spec.num_tokens)
+                    labels.extend([IGNORE_INDEX] * spec.num_tokens)
+                    used[name] += 1
+                else:
+                    t = self._tok(piece)
+                    ids.extend(t)
+                    labels.extend(t if supervised else [IGNORE_INDEX] * len(t))
+        out_media: dict[str, list[torch.Tensor]] = {}
+        for name, spec in self.media.items():
+            items = list(media.get(name, []))
+            if used[name] != len(items):
+                raise SampleError(
+                    f"{used[name]} {spec.placeholder} placeholder(s) in the text but {len(items)} {name} item(s) given",
+                    "media count mismatch",
+                    index,
+                )
+            if items:
+                out_media[name] = [it if isinstance(it, torch.Tensor) else spec.transform(it) for it in items]
+        if len(ids) > self.config.max_length:
+            raise SampleTooLong(len(ids), self.config.max_length, index)
+        return Encoded(ids, labels, out_media, {k: list(v) for k, v in (meta or {}).items()})
+
+    def count_tokens(self, messages: Sequence[dict]) -> int:
+        """Length of a conversation in LLM positions (media expanded), without loading media."""
+        n = 0
+        markers = {spec.placeholder: spec for spec in self.media.values()}
+        for text, _ in self._segments(messages, False):
+            for p, spec in markers.items():
+                n += text.count(p) * spec.num_tokens
+                text = text.replace(p, " ")
+            n += len(self._tok(text))
+        return n
+
+    def collate(self, samples: Sequence[Encoded], padding_side: str | None = None) -> dict[str, Any]:
+        side = padding_side or self.config.padding_side
+        width = max(len(s.input_ids) for s in samples)
+        B = len(samples)
+        input_ids = torch.full((B, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((B, width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((B, width), dtype=torch.long)
+        for i, s in enumerate(samples):
+            n = len(s.input_ids)
+            sl = slice(width - n, width) if side == "left" else slice(0, n)
+            input_ids[i, sl] = torch.tensor(s.input_ids, dtype=torch.long)
+            labels[i, sl] = torch.tensor(s.labels, dtype=torch.long)
+            mask[i, sl] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
+        for name in self.media:
+            items = [t for s in samples for t in s.media.get(name, [])]
+            if items:
+                batch[f"{name}_values"] = torch.stack(items)
+        meta_keys = sorted({k for s in samples for k in s.meta})
+        if meta_keys:
+            batch["media_meta"] = {k: [v for s in samples for v in s.meta.get(k, [])] for k in meta_keys}
+        return batch
+
+    def __call__(self, conversations, media=None, *, add_generation_prompt: bool = True, padding_side: str | None = None):
+        """Batch of conversations (or one) -> model inputs. For generation, padding is on the left."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations, media = [conversations], [media or {}]
+        media = media or [{}] * len(conversations)
+        enc = [
+            self.encode(c, m, add_generation_prompt=add_generation_prompt, index=i)
+            for i, (c, m) in enumerate(zip(conversations, media))
+        ]
+        return self.collate(enc, padding_side or ("left" if add_generation_prompt else None))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        ids = [i for i in ids if i >= 0]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def stop_token_ids(self) -> set[int]:
+        stops = set()
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(int(self.tokenizer.eos_token_id))
+        end = self.tokenizer.convert_tokens_to_ids(CHAT_MARKERS["end"])
+        if not self.use_template and isinstance(end, int) and end != self.tokenizer.unk_token_id:
+            stops.add(end)
+        return stops

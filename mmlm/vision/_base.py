@@ -1,0 +1,82 @@
+"""What every encoder exposes: ``hidden_size``, ``num_tokens``, ``preprocess`` and ``forward``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+
+class EncoderOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    select_layers: list[int] = Field(default_factory=lambda: [-1])
+
+
+class ImageTransform:
+    """PIL image -> normalised float tensor [3, H, W] at the size the encoder's weights expect."""
+
+    def __init__(self, size: tuple[int, int], mean: Sequence[float], std: Sequence[float], resample: str = "bicubic"):
+        self.size = (int(size[0]), int(size[1]))  # (H, W)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
+        self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[resample]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        h, w = self.size
+        if image.size != (w, h):
+            image = image.resize((w, h), self.resample)
+        arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return (arr - self.mean) / self.std
+
+    def describe(self) -> dict:
+        return {"size": list(self.size), "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
+
+
+class Encoder(nn.Module):
+    """Base of every encoder. Subclasses set ``hidden_size``, ``num_tokens``, ``preprocess`` and
+    implement ``forward(x) -> Tensor[B, N, D]`` (a list of them when several layers are selected)."""
+
+    modality = "image"
+    hidden_size: int
+    num_tokens: int
+    preprocess: ImageTransform
+
+    def __init__(self, select_layers: Sequence[int] = (-1,)):
+        super().__init__()
+        if not select_layers:
+            raise ValueError("select_layers must name at least one layer")
+        if len({i < 0 for i in select_layers}) > 1:
+            raise ValueError(f"select_layers {list(select_layers)}: use all negative or all non-negative indices")
+        if len(set(select_layers)) != len(select_layers):
+            raise ValueError(f"select_layers {list(select_layers)} repeats a layer")
+        self.select_layers = list(select_layers)
+
+    @property
+    def multi_layer(self) -> bool:
+        return len(self.select_layers) > 1
+
+    def _measure(self, size: tuple[int, int]) -> None:
+        """Learn N and D from one forward on a blank image (cheap, and exact for any backbone)."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            out = self.forward(torch.zeros(1, 3, *size))
+        self.train(was_training)
+        layers = out if isinstance(out, list) else [out]
+        self.layer_shapes = [(int(f.shape[1]), int(f.shape[2])) for f in layers]
+        self.num_tokens, self.hidden_size = self.layer_shapes[0]
+
+    def _pick(self, layers: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return layers if self.multi_layer else layers[0]
+
+
+def nchw_to_nlc(x: torch.Tensor) -> torch.Tensor:
+    if x.ndim == 4:
+        return x.flatten(2).transpose(1, 2)
+    return x

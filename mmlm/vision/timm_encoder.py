@@ -1,0 +1,74 @@
+"""Any timm model as a vision encoder: from scratch, or with weights from a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from mmlm.registry import ENCODERS
+from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, nchw_to_nlc
+
+
+class TimmOptions(EncoderOptions):
+    model_name: str
+    weights: str | None = None  # local .safetensors/.bin/.pth file with the model's weights
+    img_size: int | None = Field(None, gt=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 4, embed_dim: 128, patch_size: 8}
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+
+class TimmEncoder(Encoder):
+    def __init__(self, opts: TimmOptions):
+        super().__init__(opts.select_layers)
+        import timm
+        from timm.data import resolve_data_config
+
+        kwargs = dict(opts.kwargs)
+        if opts.img_size is not None:
+            kwargs["img_size"] = opts.img_size
+        if opts.weights is not None:
+            path = Path(opts.weights)
+            if not path.is_file():
+                raise FileNotFoundError(f"model.encoders.*.weights: no such file: {path}")
+            kwargs["pretrained"] = True
+            kwargs["pretrained_cfg_overlay"] = {"file": str(path), "num_classes": 0}
+        try:
+            try:
+                self.backbone = timm.create_model(opts.model_name, num_classes=0, **kwargs)
+            except TypeError as err:
+                if "img_size" not in str(err):
+                    raise
+                kwargs.pop("img_size")  # convolutional nets take any input size
+                self.backbone = timm.create_model(opts.model_name, num_classes=0, **kwargs)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise ValueError(f"timm has no model {opts.model_name!r} (see timm.list_models())") from None
+            raise
+        self.pretrained = opts.weights is not None
+        data_cfg = resolve_data_config({}, model=self.backbone)
+        size = (opts.img_size, opts.img_size) if opts.img_size else tuple(data_cfg["input_size"][1:])
+        self.preprocess = ImageTransform(size, opts.mean or data_cfg["mean"], opts.std or data_cfg["std"])
+        self._measure(size)
+
+    def forward(self, x: torch.Tensor):
+        bb = self.backbone
+        if hasattr(bb, "forward_intermediates"):
+            order = sorted(self.select_layers)  # timm returns layers in ascending order
+            feats = bb.forward_intermediates(x, indices=order, intermediates_only=True, output_fmt="NCHW")
+            by_index = dict(zip(order, feats))
+            return self._pick([nchw_to_nlc(by_index[i]) for i in self.select_layers])
+        if self.multi_layer:
+            raise ValueError(f"timm model {type(bb).__name__} cannot return intermediate layers")
+        f = bb.forward_features(x)
+        if f.ndim == 3:
+            f = f[:, getattr(bb, "num_prefix_tokens", 0):]
+        return nchw_to_nlc(f)
+
+
+@ENCODERS.register("timm", options=TimmOptions, summary="any timm model (from scratch or a local weights file)")
+def build_timm(opts: dict) -> TimmEncoder:
+    return TimmEncoder(TimmOptions(**opts))
