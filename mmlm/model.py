@@ -229,7 +229,8 @@ def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_
             prefixes.append(f"encoders.{name}.")
         encoders[name] = enc
         connectors[name] = connector_lib.build(
-            config.model.connectors[name], enc.hidden_size, llm_dim, llm=loaded.model, where=f"model.connectors.{name}"
+            config.model.connectors[name], enc.hidden_size, llm_dim, llm=loaded.model, where=f"model.connectors.{name}",
+            layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
         )
     model = MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes)
     model.tokenizer_trained = loaded.tokenizer_trained

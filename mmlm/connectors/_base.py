@@ -10,7 +10,7 @@ pixels (per-patch labels, the stage's options); connectors that need none ignore
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +22,9 @@ class ConnectorOptions(BaseModel):
     # optional declared widths; when given they must match what the encoder and LLM provide
     in_dim: int | None = Field(None, gt=0)
     out_dim: int | None = Field(None, gt=0)
+    # how to merge several encoder layers (``select_layers`` with more than one entry) before the
+    # connector: see ``mmlm/connectors/_fusion.py``; ignored when the encoder gives one layer
+    fusion: Literal["concat", "scalar_mix", "gated_xattn"] | None = None
 
 
 class Connector(nn.Module):
@@ -45,19 +48,66 @@ def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return out, {}
 
 
-def build(component, in_dim: int, out_dim: int, llm: nn.Module | None = None, where: str = "model.connectors") -> Connector:
-    """Build a connector from its config entry (``type`` plus options)."""
+def build(component, in_dim: int, out_dim: int, llm: nn.Module | None = None, where: str = "model.connectors",
+          layer_dims: list[int] | None = None) -> Connector:
+    """Build a connector from its config entry (``type`` plus options).
+
+    ``layer_dims`` gives the width of each encoder layer when the encoder returns several (its
+    ``select_layers`` order, deep layer first); the connector's ``fusion`` option then picks how they
+    are merged, and the result is a connector that fuses and then applies the configured one."""
     from mmlm.registry import CONNECTORS
 
     entry = CONNECTORS.get(component.type, where=f"{where}.type")
     opts = component.options()
     if entry.options is not None:
         opts = entry.options.model_validate(opts).model_dump(mode="python")
-    for key, actual, what in (("in_dim", in_dim, "the encoder produces"), ("out_dim", out_dim, "the LLM's hidden size is")):
+    multi = layer_dims is not None and len(layer_dims) > 1
+    fusion = None
+    if multi:
+        from mmlm.connectors import _fusion
+
+        kind = opts.get("fusion")
+        if kind is None:
+            from mmlm.config import ConfigError
+
+            raise ConfigError(
+                f"the encoder returns {len(layer_dims)} layers (select_layers) but no fusion is set; "
+                f"valid choices: {', '.join(_fusion.FUSIONS)}",
+                f"{where}.fusion",
+            )
+        fusion = _fusion.build_fusion(kind, list(layer_dims), where=f"{where}.fusion")
+        in_dim = fusion.out_dim
+    for key, actual, what in (
+        ("in_dim", in_dim, "the fused encoder layers give" if multi else "the encoder produces"),
+        ("out_dim", out_dim, "the LLM's hidden size is"),
+    ):
         declared = opts.get(key)
         if declared is not None and declared != actual:
             raise ValueError(
                 f"{where}.{key} is {declared} but {what} {actual}: dimension mismatch between "
                 f"{'encoder and connector' if key == 'in_dim' else 'connector and LLM'}"
             )
-    return entry.builder(opts, in_dim=in_dim, out_dim=out_dim, llm=llm)
+    inner = entry.builder(opts, in_dim=in_dim, out_dim=out_dim, llm=llm)
+    if fusion is None:
+        return inner
+    return FusedConnector(fusion, inner)
+
+
+class FusedConnector(Connector):
+    """Merge the encoder's layers with ``fusion``, then apply the configured connector ``inner``."""
+
+    def __init__(self, fusion: nn.Module, inner: Connector):
+        super().__init__(inner.in_dim, inner.out_dim)
+        self.fusion = fusion
+        self.inner = inner
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return self.inner.num_output_tokens(num_input_tokens)
+
+    def forward(self, feats, context: dict[str, Any] | None = None):
+        if not isinstance(feats, (list, tuple)):
+            raise ValueError(
+                f"this connector fuses {self.fusion.num_layers} encoder layers but got a single tensor; "
+                "the encoder's select_layers must list that many layers"
+            )
+        return self.inner(self.fusion(list(feats)), context=context)

@@ -134,13 +134,14 @@ class Trainer:
         return StageDataset(recs, model.processor, "skip", name="eval")
 
     # -------------------------------------------------------------------------------- run
-    def run(self, stage: str | None = None, resume: bool = False):
+    def run(self, stage: str | None = None, resume: bool = False, model=None):
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self._check_out(resume)
         stages = self.cfg.train.stages
         if stage is not None:
             self.cfg.stage(stage)  # raises naming the valid stages
+        given = model
         model = None
         last = None
         for idx, st in enumerate(stages):
@@ -152,7 +153,13 @@ class Trainer:
             if not selected:
                 continue
             if model is None:
-                model = load_checkpoint(last) if last is not None else self._initial_model()
+                if last is not None:
+                    model = load_checkpoint(last)
+                elif given is not None and not _is_checkpoint(self.out / "init"):
+                    model = given
+                    save_checkpoint(model, self.out / "init")
+                else:
+                    model = self._initial_model()
             self.run_stage(model, st, idx, resume)
             last = ck
         if last is not None:
@@ -310,6 +317,7 @@ def evaluate_quick(model, data: StageDataset, ev) -> dict:
 
 
 def train(cfg: PipelineConfig, out, stage: str | None = None, resume: bool = False, reporter: Reporter | None = None,
-          stop_after: int | None = None):
-    """Run the config's stages into ``out``; returns the trained model."""
-    return Trainer(cfg, out, reporter, stop_after).run(stage=stage, resume=resume)
+          stop_after: int | None = None, model=None):
+    """Run the config's stages into ``out``; returns the trained model. ``model``: start from this
+    already built model instead of building one from the config (a new run only)."""
+    return Trainer(cfg, out, reporter, stop_after).run(stage=stage, resume=resume, model=model)

@@ -19,6 +19,9 @@ class TimmOptions(EncoderOptions):
     kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 4, embed_dim: 128, patch_size: 8}
     mean: list[float] | None = None
     std: list[float] | None = None
+    # learned absolute position embedding added to the output tokens: gives a convolutional
+    # backbone's tokens an identity of place (ViTs have their own)
+    pos_embed: bool = False
 
 
 class TimmEncoder(Encoder):
@@ -53,8 +56,21 @@ class TimmEncoder(Encoder):
         size = (opts.img_size, opts.img_size) if opts.img_size else tuple(data_cfg["input_size"][1:])
         self.preprocess = ImageTransform(size, opts.mean or data_cfg["mean"], opts.std or data_cfg["std"])
         self._measure(size)
+        self.pos = None
+        if opts.pos_embed:
+            self.pos = torch.nn.ParameterList(
+                [torch.nn.Parameter(torch.randn(n, d) * 0.02) for n, d in self.layer_shapes]
+            )
 
     def forward(self, x: torch.Tensor):
+        out = self._features(x)
+        if getattr(self, "pos", None) is None:
+            return out
+        if isinstance(out, list):
+            return [f + p for f, p in zip(out, self.pos)]
+        return out + self.pos[0]
+
+    def _features(self, x: torch.Tensor):
         bb = self.backbone
         if hasattr(bb, "forward_intermediates"):
             order = sorted(self.select_layers)  # timm returns layers in ascending order

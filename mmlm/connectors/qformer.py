@@ -1,0 +1,95 @@
+"""Q-Former (BLIP-2): K learned queries read the encoder features through a small transformer.
+
+Each layer: self-attention among the queries, cross-attention from the queries to the encoder
+features (on layers ``i`` with ``i % cross_attention_freq == 0``), feed-forward; pre-LayerNorm
+residual blocks. Then ``Linear(hidden, out_dim)``. The output has ``num_queries`` tokens whatever
+the number of encoder tokens, and since no position embedding is added to the encoder tokens the
+output does not depend on their order.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from mmlm.connectors._base import Connector, ConnectorOptions
+from mmlm.registry import CONNECTORS
+
+
+class QFormerOptions(ConnectorOptions):
+    num_queries: int = Field(32, ge=1)
+    num_layers: int = Field(2, ge=1)
+    hidden: int | None = Field(None, gt=0)  # default: the encoder width
+    heads: int = Field(8, ge=1)
+    cross_attention_freq: int = Field(2, ge=1)  # 2 in BLIP-2, 1 in Video-LLaMA
+    ffn_mult: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    query_init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _heads(self):
+        if self.hidden is not None and self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        return self
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: float, dropout: float = 0.0):
+        inner = max(1, int(dim * mult))
+        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+
+class QFormerLayer(nn.Module):
+    def __init__(self, hidden: int, kv_dim: int, heads: int, ffn_mult: float, dropout: float, cross: bool):
+        super().__init__()
+        self.norm_self = nn.LayerNorm(hidden)
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.cross = cross
+        if cross:
+            self.norm_cross = nn.LayerNorm(hidden)
+            self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, kdim=kv_dim, vdim=kv_dim, batch_first=True)
+        self.ff = FeedForward(hidden, ffn_mult, dropout)
+
+    def forward(self, q: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        h = self.norm_self(q)
+        q = q + self.self_attn(h, h, h, need_weights=False)[0]
+        if self.cross:
+            h = self.norm_cross(q)
+            q = q + self.cross_attn(h, feats, feats, need_weights=False)[0]
+        return q + self.ff(q)
+
+
+class QFormerConnector(Connector):
+    def __init__(self, opts: QFormerOptions, in_dim: int, out_dim: int):
+        super().__init__(in_dim, out_dim)
+        hidden = opts.hidden or in_dim
+        if hidden % opts.heads:
+            raise ValueError(
+                f"model.connectors.*.heads: the Q-Former width {hidden} (hidden, default the encoder width) "
+                f"is not divisible by heads={opts.heads}"
+            )
+        self.opts = opts
+        self.queries = nn.Parameter(torch.randn(1, opts.num_queries, hidden) * opts.query_init_std)
+        self.norm_feats = nn.LayerNorm(in_dim)  # BLIP-2's ln_vision; per token, so order-free
+        self.layers = nn.ModuleList(
+            QFormerLayer(hidden, in_dim, opts.heads, opts.ffn_mult, opts.dropout, cross=(i % opts.cross_attention_freq == 0))
+            for i in range(opts.num_layers)
+        )
+        self.norm_out = nn.LayerNorm(hidden)
+        self.proj = nn.Linear(hidden, out_dim)
+
+    def num_output_tokens(self, num_input_tokens: int) -> int:
+        return self.opts.num_queries
+
+    def forward(self, feats, context=None):
+        feats = self.norm_feats(feats)
+        q = self.queries.expand(feats.shape[0], -1, -1).to(feats.dtype)
+        for layer in self.layers:
+            q = layer(q, feats)
+        return self.proj(self.norm_out(q))
+
+
+@CONNECTORS.register("qformer", options=QFormerOptions, summary="BLIP-2 Q-Former: K learned queries, output length K")
+def build_qformer(opts: dict, in_dim: int, out_dim: int, llm=None) -> QFormerConnector:
+    return QFormerConnector(QFormerOptions(**opts), in_dim, out_dim)

@@ -1,0 +1,146 @@
+"""Any Hugging Face vision model as an encoder: a hub id or local directory (``path``), or a
+config built from scratch (``config``). Features are entries of ``hidden_states`` (0 = embeddings,
+so -2 is the penultimate block, LLaVA's choice), with CLS/register tokens dropped by default."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+import torch
+from pydantic import Field, model_validator
+
+from mmlm.registry import ENCODERS
+from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, nchw_to_nlc
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+
+
+class HFEncoderOptions(EncoderOptions):
+    path: str | None = None  # hub id or local directory (from_pretrained)
+    config: dict[str, Any] | None = None  # {model_type: ..., **config fields}, built from scratch
+    drop_prefix_tokens: bool = True  # drop CLS / register / distillation tokens
+    image_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.config is None):
+            which = "both were given" if self.path is not None else "neither was given"
+            raise ValueError(f"give exactly one of 'path' (hub id or local directory) or 'config' "
+                             f"(a dict with model_type); {which}")
+        if self.config is not None and not self.config.get("model_type"):
+            raise ValueError("'config' needs a 'model_type' (e.g. clip_vision_model, siglip_vision_model)")
+        return self
+
+
+def _as_hw(size) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, int):
+        return (size, size)
+    if isinstance(size, dict):
+        if "height" in size and "width" in size:
+            return (int(size["height"]), int(size["width"]))
+        edge = size.get("shortest_edge") or size.get("longest_edge")
+        return (int(edge), int(edge)) if edge else None
+    if isinstance(size, (list, tuple)) and len(size) == 2:
+        return (int(size[0]), int(size[1]))
+    return None
+
+
+def _read_preprocessor(path: str) -> dict[str, Any] | None:
+    """The preprocessor_config.json next to the weights (local directory or hub cache), if any."""
+    from transformers.utils import cached_file
+
+    try:
+        file = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+    except OSError:
+        return None
+    if file is None:
+        return None
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class HFEncoder(Encoder):
+    def __init__(self, opts: HFEncoderOptions):
+        super().__init__(opts.select_layers)
+        from transformers import AutoConfig, AutoModel
+
+        if opts.path is not None:
+            model = AutoModel.from_pretrained(opts.path, dtype=torch.float32)
+        else:
+            fields = dict(opts.config)
+            model_type = fields.pop("model_type")
+            try:
+                conf = AutoConfig.for_model(model_type, **fields)
+            except ValueError as err:
+                raise ValueError(f"model.encoders.*.config.model_type: {err}") from None
+            vconf = getattr(conf, "vision_config", conf)
+            if opts.image_size is not None and hasattr(vconf, "image_size"):
+                vconf.image_size = opts.image_size
+            model = AutoModel.from_config(conf, dtype=torch.float32)
+        vconf = getattr(model.config, "vision_config", model.config)
+        # a full dual-tower model (CLIPModel, SiglipModel, ...): keep the vision tower only
+        if hasattr(model, "vision_model") and hasattr(model, "text_model"):
+            model = model.vision_model
+        self.model = model
+        self.pretrained = opts.path is not None
+        self.drop_prefix_tokens = opts.drop_prefix_tokens
+        patch = getattr(vconf, "patch_size", None)
+        self.patch_hw = _as_hw(patch) if patch is not None else None
+
+        pp = _read_preprocessor(opts.path) if opts.path is not None else None
+        mean, std, size, resample = CLIP_MEAN, CLIP_STD, None, "bicubic"
+        if pp:
+            mean = pp.get("image_mean") or mean
+            std = pp.get("image_std") or std
+            if pp.get("do_center_crop") and pp.get("crop_size"):
+                size = _as_hw(pp["crop_size"])
+            size = size or _as_hw(pp.get("size"))
+            resample = _RESAMPLE.get(pp.get("resample"), resample)
+        native = _as_hw(getattr(vconf, "image_size", None))
+        if opts.image_size is not None:
+            size = (opts.image_size, opts.image_size)
+        size = size or native
+        if size is None:
+            raise ValueError("model.encoders.*.image_size: the model config names no image_size; set image_size")
+        # weights trained at another resolution: interpolate position embeddings where the model can
+        self._fwd_kwargs: dict[str, Any] = {}
+        if native is not None and size != native:
+            if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
+                self._fwd_kwargs["interpolate_pos_encoding"] = True
+        self.preprocess = ImageTransform(size, mean, std, resample)
+        self._measure(size)
+
+    def forward(self, x: torch.Tensor):
+        hidden = self.model(pixel_values=x, output_hidden_states=True, **self._fwd_kwargs).hidden_states
+        n = len(hidden)
+        out = []
+        for i in self.select_layers:
+            if not -n <= i < n:
+                raise IndexError(f"select_layers: {i} is out of range; this model has {n} hidden states "
+                                 f"(0 = embeddings, {n - 1} = last block)")
+            h = hidden[i]
+            if h.ndim == 4:  # convolutional stages: [B, C, H, W]
+                h = nchw_to_nlc(h)
+            elif self.drop_prefix_tokens:
+                if self.patch_hw is None:
+                    raise ValueError("drop_prefix_tokens needs the config's patch_size; "
+                                     "set drop_prefix_tokens: false for this model")
+                grid = (x.shape[-2] // self.patch_hw[0]) * (x.shape[-1] // self.patch_hw[1])
+                prefix = h.shape[1] - grid  # CLS + registers; negative for downsampled stages (Swin)
+                if prefix > 0:
+                    h = h[:, prefix:]
+            out.append(h)
+        return self._pick(out)
+
+
+@ENCODERS.register("hf", options=HFEncoderOptions,
+                   summary="any Hugging Face vision model (hub id, local directory or config from scratch)")
+def build_hf(opts: dict) -> HFEncoder:
+    return HFEncoder(HFEncoderOptions.model_validate(opts))

@@ -1,0 +1,69 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmlm.model import load
+from mmlm.train.runner import RunExists, TrainingInterrupted, train
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from mmlm.data.shapes import generate
+
+    d = tmp_path_factory.mktemp("shapes")
+    generate(d, 40, seed=3, image_size=32)
+    return str(d)
+
+
+def _weights(path):
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_stages_run_in_order_and_end_in_checkpoints(data_dir, tmp_path):
+    cfg = tiny_config(data_dir)
+    model = train(cfg, tmp_path / "run")
+    for st in ("align", "instruct"):
+        assert (tmp_path / "run" / "stages" / st / "mmlm.yaml").is_file()
+    assert (tmp_path / "run" / "final").resolve() == (tmp_path / "run" / "stages" / "instruct").resolve()
+    init = _weights(tmp_path / "run" / "init")
+    align = _weights(tmp_path / "run" / "stages" / "align")
+    # stage 1 trains only the connector: the LLM is untouched, the connector moved
+    assert torch.equal(init["llm.model.layers.0.mlp.up_proj.weight"], align["llm.model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(init["connectors.image.net.0.weight"], align["connectors.image.net.0.weight"])
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["stages"]) == {"align", "instruct"}
+    with pytest.raises(RunExists, match="--resume"):
+        train(cfg, tmp_path / "run")
+
+
+def test_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path):
+    cfg = tiny_config(data_dir, steps=5)
+    train(cfg, tmp_path / "full")
+    # killed after 3 optimizer steps of the second stage (align has 5): resume from the saved step
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, tmp_path / "cut", stop_after=8)
+    assert (tmp_path / "cut" / "state" / "instruct" / "state.json").is_file()
+    state = json.loads((tmp_path / "cut" / "state" / "instruct" / "state.json").read_text())
+    assert state["step"] == 3
+    train(cfg, tmp_path / "cut", resume=True)
+    a = _weights(tmp_path / "full" / "final")
+    b = _weights(tmp_path / "cut" / "final")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not (tmp_path / "cut" / "state" / "instruct").exists()
+
+
+def test_trained_model_loads_and_answers(data_dir, tmp_path):
+    from PIL import Image
+
+    cfg = tiny_config(data_dir, steps=2)
+    train(cfg, tmp_path / "r")
+    m = load(tmp_path / "r" / "final")
+    ans = m.ask("what color is the circle?", Image.new("RGB", (32, 32)), max_new_tokens=3)
+    assert isinstance(ans, str)
+    vocab = set(m.processor.tokenizer.get_vocab())
+    assert all(w in vocab for w in ans.split())
