@@ -269,7 +269,8 @@ def _validate_options(registry, comp, path: str, key: str = "type") -> dict[str,
     try:
         parsed = entry.options.model_validate(opts)
     except ValidationError as err:
-        raise _format_errors(err, path, list(entry.options.model_fields)) from None
+        fields = [f.alias or name for name, f in entry.options.model_fields.items()]
+        raise _format_errors(err, path, fields) from None
     return parsed.model_dump(mode="python")
 
 

@@ -213,9 +213,11 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, ge
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> MultimodalLM:
-    """Assemble the model a config names. ``texts`` feeds a from-scratch tokenizer."""
-    loaded = load_llm(config.model.llm, texts=texts, tokenizer_dir=tokenizer_dir)
+def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None,
+          llm=None) -> MultimodalLM:
+    """Assemble the model a config names. ``texts`` feeds a from-scratch tokenizer; ``llm`` (a
+    ``mmlm.llm.LoadedLLM``) reuses an LLM already loaded from the source the config names."""
+    loaded = llm if llm is not None else load_llm(config.model.llm, texts=texts, tokenizer_dir=tokenizer_dir)
     llm_dim = loaded.model.get_input_embeddings().weight.shape[1]
     encoders = nn.ModuleDict()
     connectors = nn.ModuleDict()

@@ -1,0 +1,94 @@
+"""The command line as a user runs it: validate, list, data, train, ask, eval."""
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mmlm.cli import app
+from tests.helpers import tiny_raw
+
+runner = CliRunner()
+
+
+def test_config_validate_reports_key_path(tmp_path):
+    raw = tiny_raw(str(tmp_path / "d"))
+    raw["model"]["connectors"]["image"]["type"] = "linear"
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    r = runner.invoke(app, ["config", "validate", str(f)])
+    assert r.exit_code == 2
+    assert "model.connectors.image.type" in r.output and "qformer" in r.output
+    r = runner.invoke(app, ["config", "validate", str(f), "--set", "model.connectors.image.type=mlp"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["config", "show", str(f), "--set", "model.connectors.image.type=qformer"])
+    assert yaml.safe_load(r.output)["model"]["connectors"]["image"]["type"] == "qformer"
+
+
+def test_list_prints_every_registry():
+    r = runner.invoke(app, ["list"])
+    assert r.exit_code == 0
+    for name in ("timm", "open_clip", "hf", "mlp", "qformer", "resampler", "pixel_shuffle", "alignvlm", "ovis", "sea",
+                 "scratch", "gguf", "llava", "shapes"):
+        assert f"  {name} " in r.output, name
+
+
+CONNECTORS = {
+    "mlp": {"type": "mlp"},
+    "qformer": {"type": "qformer", "num_queries": 4},
+    "resampler": {"type": "resampler", "num_latents": 4},
+    "pixel_shuffle": {"type": "pixel_shuffle", "scale": 2},
+    "alignvlm": {"type": "alignvlm"},
+    "ovis": {"type": "ovis", "vocab_size": 64},
+    "sea": {"type": "sea", "inner": {"type": "mlp"}},
+}
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shapes")
+    r = runner.invoke(app, ["data", "shapes", "--out", str(d), "--n", "24", "--seed", "9", "--image-size", "32"])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+@pytest.mark.parametrize("name", list(CONNECTORS))
+def test_every_connector_trains_through_mmlm_train_and_answers_through_ask(name, shapes_dir, tmp_path):
+    raw = tiny_raw(str(shapes_dir), n=24, steps=2)
+    for st in raw["train"]["stages"]:
+        st["data"][0]["seed"] = 9
+        st["trainable"] = ["*"]
+    raw["model"]["connectors"]["image"] = CONNECTORS[name]
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", str(f), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "final" / "model.safetensors").is_file()
+    img = sorted((shapes_dir / "images").glob("*.png"))[0]
+    r = runner.invoke(app, ["ask", str(out / "final"), "--image", str(img), "what color is the circle?", "--max-new-tokens", "3"])
+    assert r.exit_code == 0, r.output
+    words = r.output.strip().split()
+    assert len(words) <= 3
+    # the same run directory cannot be started twice by accident
+    r = runner.invoke(app, ["train", str(f), "--out", str(out)])
+    assert r.exit_code == 2 and "--resume" in r.output
+
+
+def test_eval_counts_every_question_and_writes_metrics(shapes_dir, tmp_path):
+    raw = tiny_raw(str(shapes_dir), n=24, steps=1)
+    for st in raw["train"]["stages"]:
+        st["data"][0]["seed"] = 9
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["train", str(f), "--out", str(tmp_path / "run")]).exit_code == 0
+    qfile = shapes_dir / "questions.jsonl"
+    n = len(qfile.read_text().splitlines())
+    r = runner.invoke(app, ["eval", str(tmp_path / "run" / "final"), "--data", str(qfile), "--image-root", str(shapes_dir),
+                            "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["n_eval"] == n
+    assert set(m["by_type"]) == {"color", "shape", "count", "position", "exists"}
+    assert sum(m["n_by_type"].values()) == n
