@@ -84,7 +84,8 @@ class MultimodalLM(nn.Module):
                     )
                 continue
             context = {"meta": media_meta or {}, "llm": self.llm, "tokenizer": self.tokenizer,
-                       "training": self.training, "stage": self.current_stage}
+                       "training": self.training, "stage": self.current_stage,
+                       "pixels": values, "preprocess": self.encoders[name].preprocess.describe()}
             tokens, a = self.encode_media(name, values, context)
             aux.update({f"{name}.{k}": v for k, v in a.items()})
             n_feat = tokens.shape[0] * tokens.shape[1]
