@@ -23,7 +23,11 @@ def test_config_validate_reports_key_path(tmp_path):
     r = runner.invoke(app, ["config", "validate", str(f), "--set", "model.connectors.image.type=mlp"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["config", "show", str(f), "--set", "model.connectors.image.type=qformer"])
-    assert yaml.safe_load(r.output)["model"]["connectors"]["image"]["type"] == "qformer"
+    assert r.exit_code == 2 and "model.connectors.image.depth" in r.output  # an MLP option on a Q-Former
+    r = runner.invoke(app, ["config", "show", str(f), "--set", "model.connectors.image={type: qformer, num_queries: 4}"])
+    assert r.exit_code == 0, r.output
+    shown = yaml.safe_load(r.output)["model"]["connectors"]["image"]
+    assert shown == {"type": "qformer", "num_queries": 4}
 
 
 def test_list_prints_every_registry():

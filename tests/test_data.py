@@ -47,7 +47,15 @@ def test_shapes_world_answers_match_scenes(tmp_path):
             match = [o for o in objs if o["color"] == color and o["shape"] == shape]
             assert len(match) == 1 and match[0]["position"] == q["answer"]
     s = next(iter(scenes.values()))
-    assert len(s["patch_labels"]["3"]) == 9 and len(s["patch_labels"]["6"]) == 36
+    assert len(s["patch_objects"]["3"]) == 9 and len(s["patch_objects"]["6"]) == 36
+    # at the 3x3 grid every object owns its cell's patch
+    for s in scenes.values():
+        from mmlm.data.shapes import label_words
+
+        words = label_words(s["objects"], s["patch_objects"]["3"])
+        for o in s["objects"]:
+            assert words[o["cell"]] == f"{o['color']} {o['shape']}"
+        assert sum(w != "background" for w in words) == len(s["objects"])
 
 
 def test_image_path_escaping_root_is_refused(tmp_path):

@@ -44,7 +44,8 @@ def test_processor_uses_the_models_own_chat_template(pipeline):
     assert proc.use_template
     msgs = [{"role": "user", "content": "what color is the circle?"}, {"role": "assistant", "content": "red"}]
     enc = proc.encode(msgs)
-    rendered = model.tokenizer.apply_chat_template(msgs, tokenize=False)
+    system = [{"role": "system", "content": "You describe images."}]  # processor.system_prompt
+    rendered = model.tokenizer.apply_chat_template(system + msgs, tokenize=False)
     assert "<|im_start|>" in rendered
     assert model.tokenizer.decode(enc.input_ids) == rendered
     supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]

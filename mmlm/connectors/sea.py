@@ -39,6 +39,7 @@ class SEAOptions(ConnectorOptions):
     temperature: float = Field(0.07, gt=0)
     label_key: str = "patch_labels"  # per-image annotation written by the data source
     stages: list[str] | None = None  # training stages where the loss is on (None: every stage)
+    stage_weights: dict[str, float] | None = None  # per-stage weight, replacing ``weight`` there
     target_grad: bool = False  # let the loss move the LLM's word embeddings too
     # where the labels come from: the data (``label_key``) or a CLIP model scoring each patch
     labels: Literal["data", "open_clip"] = "data"
@@ -241,11 +242,17 @@ class SEAConnector(Connector):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return self.inner.num_output_tokens(num_input_tokens)
 
+    def weight_for(self, stage: str | None) -> float:
+        if self.opts.stage_weights and stage in self.opts.stage_weights:
+            return self.opts.stage_weights[stage]
+        return self.opts.weight
+
     def forward(self, feats, context: dict | None = None):
         tokens, aux = split_output(self.inner(feats, context=context))
         ctx = context or {}
+        weight = self.weight_for(ctx.get("stage"))
         active = (
-            self.training and ctx.get("training", False) and self.opts.weight > 0
+            self.training and ctx.get("training", False) and weight > 0
             and (self.opts.stages is None or ctx.get("stage") in self.opts.stages)
         )
         if not active:
@@ -283,7 +290,7 @@ class SEAConnector(Connector):
             return emb(torch.tensor(ids, device=tokens.device)).mean(0)
 
         loss = sea_loss(tokens, per_image, embed_label, self.opts.temperature, self.opts.target_grad)
-        aux = {**aux, "sea": self.opts.weight * loss}
+        aux = {**aux, "sea": weight * loss}
         return tokens, aux
 
 

@@ -35,7 +35,7 @@ POSITIONS = (
     "bottom left", "bottom", "bottom right",
 )
 QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
-PATCH_GRIDS = (3, 6, 12)
+PATCH_GRIDS = (2, 3, 4, 6, 8, 12)
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 
 
@@ -94,24 +94,38 @@ def render_scene(rng: np.random.Generator, image_size: int = 96):
     return img, objs, np.asarray(labels)
 
 
-def patch_labels(objs: list[Obj], label_map: np.ndarray, grid: int, min_cover: float = 0.1) -> list[str]:
-    """Word label per patch of a ``grid x grid`` split: the object covering most of the patch
-    ("red circle"), or "background" when no object covers ``min_cover`` of it."""
+def patch_objects(label_map: np.ndarray, n_objects: int, grid: int, min_cover: float = 0.1) -> list[int]:
+    """Per patch of a ``grid x grid`` split: 1 + the index of the object covering most of the
+    patch, or 0 (background) when no object covers ``min_cover`` of the patch or a third of
+    its own area there (so a small object is never lost in a large patch)."""
     H = label_map.shape[0]
     step = H / grid
+    area = np.bincount(label_map.ravel(), minlength=n_objects + 1)
     out = []
     for r in range(grid):
         for c in range(grid):
             patch = label_map[int(r * step):int((r + 1) * step), int(c * step):int((c + 1) * step)]
-            counts = np.bincount(patch.ravel(), minlength=len(objs) + 1)
+            counts = np.bincount(patch.ravel(), minlength=n_objects + 1)
             counts[0] = 0
             k = int(counts.argmax())
-            if counts[k] >= min_cover * patch.size:
-                o = objs[k - 1]
-                out.append(f"{o.color} {o.shape}")
-            else:
-                out.append("background")
+            enough = counts[k] >= min(min_cover * patch.size, area[k] / 3)
+            out.append(k if counts[k] > 0 and enough else 0)
     return out
+
+
+_WORDS: dict[str, str] = {}
+
+
+def label_words(objects: list[dict], indices: list[int]) -> list[str]:
+    """Word labels ("red circle", "background") for per-patch object indices (strings interned)."""
+    words = ["background"] + [f"{o['color']} {o['shape']}" for o in objects]
+    return [_WORDS.setdefault(words[i], words[i]) for i in indices]
+
+
+def patch_labels(objs: list[Obj], label_map: np.ndarray, grid: int, min_cover: float = 0.1) -> list[str]:
+    """Word label per patch of a ``grid x grid`` split: the object covering most of the patch
+    ("red circle"), or "background" when no object covers ``min_cover`` of it."""
+    return label_words([o.to_dict() for o in objs], patch_objects(label_map, len(objs), grid, min_cover))
 
 
 def caption(objs: list[Obj]) -> str:
@@ -192,7 +206,7 @@ def generate(out: str | Path, n: int, seed: int = 0, image_size: int = 96, quest
         for k, q in enumerate(qs):
             flat.append({"id": f"{sid}-{k}", "image": name, "question": q["question"], "answer": q["answer"], "type": q["type"]})
         scenes.append({"id": sid, "image": name, "objects": [o.to_dict() for o in objs],
-                       "patch_labels": {str(g): patch_labels(objs, lmap, g) for g in PATCH_GRIDS}})
+                       "patch_objects": {str(g): patch_objects(lmap, len(objs), g) for g in PATCH_GRIDS}})
     (out / "captions.json").write_text(json.dumps(captions))
     (out / "vqa.json").write_text(json.dumps(vqa))
     (out / "scenes.json").write_text(json.dumps(scenes))

@@ -143,8 +143,11 @@ def read_shapes(opts: dict) -> list[Record]:
     file = {"captions": "captions.json", "vqa": "vqa.json", "questions": "questions.jsonl"}[o.task]
     records = read_llava({"path": str(root / file), "image_root": str(root), "max_samples": o.max_samples})
     scenes = {s["image"]: s for s in json.loads((root / "scenes.json").read_text())}
+    labels = {}
+    for img, s in scenes.items():  # per-patch word labels at every grid the world writes (for SEA)
+        labels[img] = {g: shapes.label_words(s["objects"], idx) for g, idx in s["patch_objects"].items()}
     for r in records:
-        r.meta = {"patch_labels": [scenes[img]["patch_labels"] for img in r.images if img in scenes]}
+        r.meta = {"patch_labels": [labels[img] for img in r.images if img in labels]}
         if len(r.meta["patch_labels"]) != len(r.images):
             r.meta = {}
     return records
