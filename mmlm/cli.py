@@ -189,15 +189,17 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set
     m = run_demo(out, set_ or [], reporter=ConsoleReporter())
     if m.get("curve"):
         t = Table(title="accuracy curve (held-out subset)")
-        for col in ("step", "seconds", "loss", "accuracy"):
+        for col in ("step", "stage seconds", "loss", "accuracy"):
             t.add_column(col, justify="right")
         for pt in m["curve"]:
             t.add_row(str(pt["step"]), str(pt["seconds"]), f"{pt['loss']:.3f}", f"{pt['vqa_accuracy']:.3f}")
         console.print(t)
     _print_table(f"held-out VQA ({m['n_eval']} questions)", m)
     console.print(f"wall time {m['wall_seconds']}s; metrics: {out / 'metrics.json'}")
-    img = sorted((out / "data" / "heldout" / "images").glob("*.png"))
-    console.print("ask the trained model:\n  mmlm ask " + f"{out / 'final'} --image {img[0] if img else 'IMAGE.png'} \"what shape is the red object?\"")
+    qfile = out / "data" / "heldout" / "questions.jsonl"
+    q = json.loads(qfile.read_text().splitlines()[0]) if qfile.is_file() else {"image": "IMAGE.png", "question": "how many objects are there?"}
+    image = out / "data" / "heldout" / q["image"] if qfile.is_file() else q["image"]
+    console.print(f"ask the trained model:\n  mmlm ask {out / 'final'} --image {image} \"{q['question']}\"")
 
 
 def main() -> None:

@@ -67,3 +67,11 @@ def test_trained_model_loads_and_answers(data_dir, tmp_path):
     assert isinstance(ans, str)
     vocab = set(m.processor.tokenizer.get_vocab())
     assert all(w in vocab for w in ans.split())
+
+
+def test_worker_processes_feed_the_same_batches(data_dir, tmp_path):
+    a = train(tiny_config(data_dir, steps=3), tmp_path / "w0")
+    b = train(tiny_config(data_dir, steps=3, num_workers=2), tmp_path / "w2")
+    wa, wb = _weights(tmp_path / "w0" / "final"), _weights(tmp_path / "w2" / "final")
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

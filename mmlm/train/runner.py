@@ -213,12 +213,6 @@ class Trainer:
         t0 = time.time()
         tokens_seen = 0
         loss_ema = None
-        skipped_late = 0
-
-        def index_at(pos: int) -> int:
-            epoch, k = divmod(pos, n)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + idx * 10_007 + epoch)
-            return int(torch.randperm(n, generator=g)[k]) if k < n else 0
 
         perm_cache: dict[int, torch.Tensor] = {}
 
@@ -230,8 +224,7 @@ class Trainer:
                 perm_cache[epoch] = torch.randperm(n, generator=g)
             return int(perm_cache[epoch][k])
 
-        def load_sample(pos: int):
-            nonlocal skipped_late
+        def load_sample(pos: int, skipped: list):
             for attempt in range(n):
                 i = sample_index(pos + attempt * 7919)
                 try:
@@ -239,9 +232,19 @@ class Trainer:
                 except SampleError as err:
                     if st.on_bad_sample == "error":
                         raise SampleError(f"{st.name}: sample {i} (id {data.records[i].id}): {err}", err.reason, i) from None
-                    data.skipped[err.reason] += 1
-                    skipped_late += 1
+                    skipped.append(err.reason)
             raise ValueError(f"train.stages.{idx} ({st.name}): every sample failed to load")
+
+        def make_batch(micro_index: int) -> dict:
+            """The micro-batch at a global position: a pure function of the position, so a resumed
+            run, or worker processes, see exactly the batches of an uninterrupted run."""
+            skipped: list = []
+            base = micro_index * st.batch_size
+            batch = model.processor.collate([load_sample(base + j, skipped) for j in range(st.batch_size)])
+            batch["_skipped"] = skipped
+            return batch
+
+        batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
 
         last_step_time = time.time()
         for step in range(start, total):
@@ -252,9 +255,9 @@ class Trainer:
             step_loss = 0.0
             step_tokens = 0
             for micro in range(st.grad_accum):
-                base = (step * st.grad_accum + micro) * st.batch_size
-                samples = [load_sample(base + j) for j in range(st.batch_size)]
-                batch = model.processor.collate(samples)
+                batch = next(batches)
+                for reason in batch.pop("_skipped"):
+                    data.skipped[reason] += 1
                 step_tokens += int(batch["attention_mask"].sum())
                 batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
                 out = pmodel(**batch)
@@ -308,6 +311,28 @@ class Trainer:
         self._write_metrics()
         self.reporter.stage_end(st.name, summary)
         return summary
+
+
+class _MicroBatches(torch.utils.data.Dataset):
+    def __init__(self, fn, start: int, stop: int):
+        self.fn, self.start, self.stop = fn, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, j: int) -> dict:
+        return self.fn(self.start + j)
+
+
+def iter_batches(fn, start: int, stop: int, num_workers: int):
+    """Micro-batches ``start..stop-1`` in order; with ``num_workers`` they are prepared ahead in
+    worker processes (image decoding and tokenisation overlap the model's step)."""
+    if num_workers <= 0:
+        return (fn(m) for m in range(start, stop))
+    loader = torch.utils.data.DataLoader(
+        _MicroBatches(fn, start, stop), batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=4
+    )
+    return iter(loader)
 
 
 def evaluate_quick(model, data: StageDataset, ev) -> dict:
