@@ -25,7 +25,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RECIPES = [
-    "shapes-tiny",  # mlp, the baseline
+    "shapes-mlp",
+    "shapes-tiny",  # sea(mlp): the demo recipe
     "shapes-qformer",
     "shapes-resampler",
     "shapes-pixel_shuffle",

@@ -55,6 +55,9 @@ class ModelConfig(Strict):
     encoders: dict[str, Component] = Field(default_factory=dict)
     connectors: dict[str, Component] = Field(default_factory=dict)
     llm: Component
+    # a learned position embedding per media token, added in the LLM's space after the connector
+    # (zero at init): tells the LLM which token of an image it is reading
+    media_position: dict[str, Literal["learned"]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -64,6 +67,9 @@ class ModelConfig(Strict):
         for m in self.connectors:
             if m not in self.encoders:
                 raise ValueError(f"connector {m!r} has no encoder; add model.encoders.{m}")
+        for m in self.media_position:
+            if m not in self.encoders:
+                raise ValueError(f"media_position.{m}: no encoder {m!r}; encoders: {', '.join(self.encoders) or 'none'}")
         return self
 
 

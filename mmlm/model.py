@@ -51,9 +51,13 @@ class MultimodalLM(nn.Module):
         self.touched: set[str] = set()
         self.current_stage: str | None = None  # set by the trainer; connectors may act per stage
         media = {}
+        self.media_pos = nn.ParameterDict()
+        width = llm.get_input_embeddings().weight.shape[1]
         for name, enc in encoders.items():
             n_out = connectors[name].num_output_tokens(enc.num_tokens)
             media[name] = MediaSpec(f"<{name}>", MEDIA_TOKEN_IDS[name], n_out, enc.preprocess)
+            if config.model.media_position.get(name) == "learned":
+                self.media_pos[name] = nn.Parameter(torch.zeros(n_out, width))
         self.processor = Processor(tokenizer, media, config.processor)
 
     # ------------------------------------------------------------------ embedding
@@ -87,6 +91,8 @@ class MultimodalLM(nn.Module):
                        "training": self.training, "stage": self.current_stage,
                        "pixels": values, "preprocess": self.encoders[name].preprocess.describe()}
             tokens, a = self.encode_media(name, values, context)
+            if name in self.media_pos:
+                tokens = tokens + self.media_pos[name].to(tokens.dtype)
             aux.update({f"{name}.{k}": v for k, v in a.items()})
             n_feat = tokens.shape[0] * tokens.shape[1]
             if n_slots != n_feat:

@@ -103,3 +103,34 @@ def test_flash_attention_without_cuda_fails_clearly():
     with pytest.raises(RuntimeError, match="flash_attention_2.*needs"):
         resolve_attn_implementation("flash_attention_2")
     assert resolve_attn_implementation("auto") == "sdpa"
+
+
+def test_media_position_embedding_is_added_after_the_connector():
+    from mmlm.config import parse_config
+    from tests.helpers import tiny_raw
+
+    raw = tiny_raw()
+    raw["model"]["media_position"] = {"image": "learned"}
+    m = build(parse_config(raw), texts=TEXTS)
+    n = m.processor.media["image"].num_tokens
+    assert tuple(m.media_pos["image"].shape) == (n, m.llm.config.hidden_size)
+    assert "media_pos.image" in m.state_dict()
+    batch = _batch(m)
+    feats = m.connectors["image"](m.encoders["image"](batch["image_values"]))
+    mask = batch["input_ids"] == -200
+    emb, _ = m.embed_inputs(batch["input_ids"], {"image": batch["image_values"]})
+    assert torch.equal(emb[mask].reshape(feats.shape), feats)  # zero at init
+    with torch.no_grad():
+        m.media_pos["image"].copy_(torch.arange(n, dtype=torch.float32)[:, None].expand(n, m.llm.config.hidden_size))
+    emb, _ = m.embed_inputs(batch["input_ids"], {"image": batch["image_values"]})
+    assert torch.allclose(emb[mask].reshape(feats.shape) - feats, m.media_pos["image"].expand_as(feats))
+
+
+def test_media_position_for_a_missing_encoder_is_a_config_error():
+    from mmlm.config import ConfigError, parse_config
+    from tests.helpers import tiny_raw
+
+    raw = tiny_raw()
+    raw["model"]["media_position"] = {"audio": "learned"}
+    with pytest.raises(ConfigError, match="media_position.audio"):
+        parse_config(raw)
