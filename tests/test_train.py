@@ -75,3 +75,23 @@ def test_worker_processes_feed_the_same_batches(data_dir, tmp_path):
     wa, wb = _weights(tmp_path / "w0" / "final"), _weights(tmp_path / "w2" / "final")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_ctrl_c_mid_stage_keeps_the_last_step_and_resumes_identically(data_dir, tmp_path):
+    from mmlm.train.runner import Silent
+
+    class CtrlC(Silent):
+        def step(self, name, step, total, *a):
+            if name == "instruct" and step == 3:
+                raise KeyboardInterrupt
+
+    cfg = tiny_config(data_dir, steps=5)
+    cfg.train.stages[1].save_every = 100  # no periodic save: only the interruption saves
+    train(cfg, tmp_path / "full")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "cut", reporter=CtrlC())
+    assert json.loads((tmp_path / "cut" / "state" / "instruct" / "state.json").read_text())["step"] == 3
+    train(cfg, tmp_path / "cut", resume=True)
+    a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "cut" / "final")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -247,46 +247,55 @@ class Trainer:
         batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
 
         last_step_time = time.time()
-        for step in range(start, total):
-            factor = lr_factor(step, total, warmup, st.schedule, st.min_lr_ratio)
-            for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * factor
-            torch.manual_seed(seed * 7_919 + idx * 104_729 + step)  # dropout etc. identical on resume
-            step_loss = 0.0
-            step_tokens = 0
-            for micro in range(st.grad_accum):
-                batch = next(batches)
-                for reason in batch.pop("_skipped"):
-                    data.skipped[reason] += 1
-                step_tokens += int(batch["attention_mask"].sum())
-                batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                out = pmodel(**batch)
-                loss = out.loss / st.grad_accum
-                accelerator.backward(loss)
-                step_loss += float(loss.detach())
-            if st.max_grad_norm:
-                accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], st.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            tokens_seen += step_tokens
-            now = time.time()
-            tps = step_tokens / max(1e-9, now - last_step_time)
-            last_step_time = now
-            loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
-            self.reporter.step(st.name, step + 1, total, loss_ema, tps, optimizer.param_groups[0]["lr"])
-            done = step + 1
-            if eval_data is not None and (done % st.eval_every == 0 or done == total):
-                ev = self.cfg.train.eval
-                m = evaluate_quick(model, eval_data, ev)
-                curve.append({"step": done, "seconds": round(time.time() - t0, 1), "loss": round(loss_ema, 4),
-                              "vqa_accuracy": m["vqa_accuracy"], "by_type": m["by_type"]})
-                self.reporter.eval(st.name, done, m)
-                model.train()
-            self.steps_this_call += 1
-            if done < total and (done % st.save_every == 0 or self.stop_after == self.steps_this_call):
-                save_train_state(state_dir, model, optimizer, done, {"stage": st.name, "curve": curve})
-            if self.stop_after is not None and self.steps_this_call >= self.stop_after and done < total:
-                raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
+        completed = start
+        try:
+            for step in range(start, total):
+                factor = lr_factor(step, total, warmup, st.schedule, st.min_lr_ratio)
+                for g in optimizer.param_groups:
+                    g["lr"] = g["base_lr"] * factor
+                torch.manual_seed(seed * 7_919 + idx * 104_729 + step)  # dropout etc. identical on resume
+                step_loss = 0.0
+                step_tokens = 0
+                for micro in range(st.grad_accum):
+                    batch = next(batches)
+                    for reason in batch.pop("_skipped"):
+                        data.skipped[reason] += 1
+                    step_tokens += int(batch["attention_mask"].sum())
+                    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+                    out = pmodel(**batch)
+                    loss = out.loss / st.grad_accum
+                    accelerator.backward(loss)
+                    step_loss += float(loss.detach())
+                if st.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], st.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
+                tokens_seen += step_tokens
+                now = time.time()
+                tps = step_tokens / max(1e-9, now - last_step_time)
+                last_step_time = now
+                loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
+                self.reporter.step(st.name, step + 1, total, loss_ema, tps, optimizer.param_groups[0]["lr"])
+                done = step + 1
+                if eval_data is not None and (done % st.eval_every == 0 or done == total):
+                    ev = self.cfg.train.eval
+                    m = evaluate_quick(model, eval_data, ev)
+                    curve.append({"step": done, "seconds": round(time.time() - t0, 1), "loss": round(loss_ema, 4),
+                                  "vqa_accuracy": m["vqa_accuracy"], "by_type": m["by_type"]})
+                    self.reporter.eval(st.name, done, m)
+                    model.train()
+                self.steps_this_call += 1
+                if done < total and (done % st.save_every == 0 or self.stop_after == self.steps_this_call):
+                    save_train_state(state_dir, model, optimizer, done, {"stage": st.name, "curve": curve})
+                if self.stop_after is not None and self.steps_this_call >= self.stop_after and done < total:
+                    raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
+        except BaseException as err:
+            # an error or Ctrl-C loses nothing: keep the last completed step (a micro-batch in
+            # flight is dropped; its gradients were never applied)
+            if completed > start and not isinstance(err, TrainingInterrupted) and completed < total:
+                save_train_state(state_dir, model, optimizer, completed, {"stage": st.name, "curve": curve})
+            raise
 
         model = accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)
         model.current_stage = None
