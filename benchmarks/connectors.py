@@ -176,12 +176,14 @@ def main(argv=None) -> int:
         if not args.quiet:
             print(f"== {recipe}", file=sys.stderr, flush=True)
         rows.append(run_recipe(recipe, out_root, steps, args.quick, args.overrides, verbose=not args.quiet))
-    budget = f"{steps} steps per stage" if steps is not None else "each recipe's own step counts"
+    budget = (f"{steps} steps per stage" if steps is not None
+              else "each recipe's own step counts" + (" with the overrides above" if args.overrides else ""))
     doc = "\n".join([
         "# Connector benchmark (shapes world)",
         "",
         f"Run {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} with `python benchmarks/connectors.py"
-        + (" --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps is not None else "") + "`: "
+        + (" --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps is not None else "")
+        + "".join(f" --set {o}" for o in args.overrides) + "`: "
         f"{budget}, same data, learning rate and batch for every recipe; mean step time over all optimizer steps; "
         "held-out accuracy is exact match on greedy answers.",
         "",

@@ -19,12 +19,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Make data sets.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
 console = Console()
+err_console = Console(stderr=True)
 
 SetOpt = typer.Option(None, "--set", help="override a config key: --set train.stages.1.lr=2e-5 (repeatable)")
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/] {err}")
+    from rich.markup import escape
+
+    err_console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -73,9 +76,9 @@ def list_parts():
     from mmlm.registry import ALL
 
     for kind, reg in ALL.items():
-        console.print(f"[bold]{kind}[/]")
+        typer.echo(kind)
         for e in reg.entries():
-            console.print(f"  {e.name:<14} {e.summary}")
+            typer.echo(f"  {e.name:<14} {e.summary}")
 
 
 @data_app.command("shapes")
