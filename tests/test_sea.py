@@ -65,7 +65,7 @@ def test_sea_adds_a_loss_in_training_and_leaves_logits_unchanged():
     model.train()
     model.current_stage = "align"
     out_on = model(**batch)
-    assert "image.sea" in out_on.aux_losses and float(out_on.aux_losses["image.sea"]) > 0
+    assert "image.sea" in out_on.aux_losses and float(out_on.aux_losses["image.sea"].detach()) > 0
     assert torch.allclose(out_on.loss, out_on.lm_loss + out_on.aux_losses["image.sea"])
     out_on.loss.backward()
     assert model.connectors["image"].inner.net[0].weight.grad.abs().sum() > 0
