@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 from mmlm.config import parse_config
 
@@ -75,3 +78,9 @@ TEXTS = [
     "circle", "square", "triangle", "how many objects are there?", "one", "two", "three", "yes", "no",
     "is there a red circle?", "top left: a small red circle.", "hello there", "where is the blue square?",
 ]
+
+
+def run_without_open_clip(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter where ``import open_clip`` fails (as on the GPU image)."""
+    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['open_clip'] = None\n" + code],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})

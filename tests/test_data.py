@@ -14,7 +14,7 @@ from tests.helpers import TEXTS, tiny_config
 def test_shapes_world_is_deterministic_and_seeds_differ(tmp_path):
     a = generate(tmp_path / "a", 12, seed=5, image_size=48)
     b = generate(tmp_path / "b", 12, seed=5, image_size=48)
-    c = generate(tmp_path / "c", 12, seed=6, image_size=48)
+    generate(tmp_path / "c", 12, seed=6, image_size=48)
     qa = (tmp_path / "a" / "questions.jsonl").read_text()
     assert qa == (tmp_path / "b" / "questions.jsonl").read_text()
     assert (tmp_path / "a/images/5_000003.png").read_bytes() == (tmp_path / "b/images/5_000003.png").read_bytes()

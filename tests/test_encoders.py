@@ -3,8 +3,6 @@ equal to a direct forward of the same weights."""
 
 import json
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -13,6 +11,7 @@ import torch  # noqa: E402
 
 from mmlm.config import ConfigError, _validate_options  # noqa: E402
 from mmlm.registry import ENCODERS  # noqa: E402
+from tests.helpers import run_without_open_clip  # noqa: E402
 
 MEAN = [0.1, 0.2, 0.3]
 STD = [0.4, 0.5, 0.6]
@@ -226,7 +225,6 @@ def test_open_clip_unknown_model_and_missing_weights():
 def test_open_clip_module_imports_without_open_clip():
     # a fresh interpreter where `import open_clip` fails (the GPU machine has no open_clip)
     code = (
-        "import sys; sys.modules['open_clip'] = None\n"
         "from mmlm.registry import ENCODERS\n"
         "entry = ENCODERS.get('open_clip')\n"
         "try:\n"
@@ -234,7 +232,6 @@ def test_open_clip_module_imports_without_open_clip():
         "except ImportError as err:\n"
         "    print('ERR', err)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = run_without_open_clip(code)
     assert res.returncode == 0, res.stderr
     assert "ERR" in res.stdout and "pip install open-clip-torch" in res.stdout

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from torch import nn
 from mmlm.config import Component, ConfigError, _validate_options
 from mmlm.connectors import build
 from mmlm.registry import CONNECTORS
+from tests.helpers import run_without_open_clip
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -241,7 +239,6 @@ def test_tokenizer_larger_than_text_vocab_is_a_clear_error(tmp_path):
 
 def test_sea_imports_without_open_clip():
     code = (
-        "import sys; sys.modules['open_clip'] = None\n"
         "from mmlm.connectors import sea\n"
         "from mmlm.config import Component\n"
         "from mmlm.connectors import build\n"
@@ -252,8 +249,7 @@ def test_sea_imports_without_open_clip():
         "except ImportError as err:\n"
         "    print('ERR', err)\n"
     )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    res = run_without_open_clip(code)
     assert res.returncode == 0, res.stderr
     assert "ERR" in res.stdout and "open-clip-torch" in res.stdout
 

@@ -24,7 +24,7 @@ def _weights(path):
 
 def test_stages_run_in_order_and_end_in_checkpoints(data_dir, tmp_path):
     cfg = tiny_config(data_dir)
-    model = train(cfg, tmp_path / "run")
+    train(cfg, tmp_path / "run")
     for st in ("align", "instruct"):
         assert (tmp_path / "run" / "stages" / st / "mmlm.yaml").is_file()
     assert (tmp_path / "run" / "final").resolve() == (tmp_path / "run" / "stages" / "instruct").resolve()
@@ -70,8 +70,8 @@ def test_trained_model_loads_and_answers(data_dir, tmp_path):
 
 
 def test_worker_processes_feed_the_same_batches(data_dir, tmp_path):
-    a = train(tiny_config(data_dir, steps=3), tmp_path / "w0")
-    b = train(tiny_config(data_dir, steps=3, num_workers=2), tmp_path / "w2")
+    train(tiny_config(data_dir, steps=3), tmp_path / "w0")
+    train(tiny_config(data_dir, steps=3, num_workers=2), tmp_path / "w2")
     wa, wb = _weights(tmp_path / "w0" / "final"), _weights(tmp_path / "w2" / "final")
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k

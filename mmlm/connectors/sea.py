@@ -12,9 +12,7 @@ exactly the wrapped connector's.
 
 from __future__ import annotations
 
-import copy
 import math
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -126,23 +124,13 @@ class _ClipScorer:
     buffers, state_dict or optimizer."""
 
     def __init__(self, spec: dict, words: list[str]):
-        try:
-            import open_clip
-        except ImportError as err:
-            raise ImportError("model.connectors.*.labels 'open_clip' needs the open_clip package: "
-                              "pip install open-clip-torch") from err
-        from mmlm.vision.open_clip_encoder import OPENAI_MEAN, OPENAI_STD, _register_config
+        from mmlm.vision.open_clip_encoder import OPENAI_MEAN, OPENAI_STD, _import_open_clip, create_open_clip
 
+        needed_by = "model.connectors.*.labels 'open_clip'"
+        open_clip = _import_open_clip(needed_by)
         opts = ClipScorerOptions.model_validate(spec)
-        if opts.arch_config is not None:
-            _register_config(open_clip, opts.model_name, copy.deepcopy(opts.arch_config))
-        elif opts.model_name not in open_clip.list_models():
-            raise ValueError(f"model.connectors.*.open_clip.model_name: open_clip has no model {opts.model_name!r} "
-                             "(see open_clip.list_models(), or give model_config)")
-        path = Path(opts.weights)
-        if not path.is_file():
-            raise FileNotFoundError(f"model.connectors.*.open_clip.weights: no such file: {path}")
-        model = open_clip.create_model(opts.model_name, pretrained=str(path), device="cpu", precision="fp32")
+        model = create_open_clip(opts.model_name, opts.arch_config, opts.weights,
+                                 where="model.connectors.*.open_clip", needed_by=needed_by)
         model.eval().requires_grad_(False)
         self.model = model
         self.words = list(words)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -74,6 +75,14 @@ class Encoder(nn.Module):
 
     def _pick(self, layers: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         return layers if self.multi_layer else layers[0]
+
+
+def local_file(path: str, key: str) -> Path:
+    """A local weights file named by the config key ``key``; missing -> FileNotFoundError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: no such file: {p}")
+    return p
 
 
 def nchw_to_nlc(x: torch.Tensor) -> torch.Tensor:

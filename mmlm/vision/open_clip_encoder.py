@@ -13,7 +13,7 @@ import torch
 from pydantic import ConfigDict, Field
 
 from mmlm.registry import ENCODERS
-from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, nchw_to_nlc
+from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, local_file, nchw_to_nlc
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -30,25 +30,23 @@ class OpenClipOptions(EncoderOptions):
     img_size: int | None = Field(None, gt=0)
 
 
-def _import_open_clip():
+def _import_open_clip(needed_by: str = "model.encoders.*.type 'open_clip'"):
     try:
         import open_clip
     except ImportError as err:
-        raise ImportError(
-            "model.encoders.*.type 'open_clip' needs the open_clip package: pip install open-clip-torch"
-        ) from err
+        raise ImportError(f"{needed_by} needs the open_clip package: pip install open-clip-torch") from err
     return open_clip
 
 
-def _register_config(open_clip, name: str, cfg: dict[str, Any]) -> None:
+def _register_config(open_clip, name: str, cfg: dict[str, Any], where: str = "model.encoders.*") -> None:
     """Make ``name`` resolve to ``cfg`` through open_clip's own add_model_config (a JSON file whose
     stem is the model name). The entry stays in open_clip's table after the file is gone."""
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(f"model.encoders.*.model_config: missing key(s) {', '.join(missing)} "
+        raise ValueError(f"{where}.model_config: missing key(s) {', '.join(missing)} "
                          "(an open_clip config has embed_dim, vision_cfg and text_cfg)")
     if "/" in name or name.startswith(("hf-hub:", "local-dir:")):
-        raise ValueError(f"model.encoders.*.model_name: {name!r} cannot name a custom model_config")
+        raise ValueError(f"{where}.model_name: {name!r} cannot name a custom model_config")
     text = json.dumps(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.json"
@@ -58,26 +56,30 @@ def _register_config(open_clip, name: str, cfg: dict[str, Any]) -> None:
         raise RuntimeError(f"open_clip did not register model_config under {name!r}")
 
 
+def create_open_clip(model_name: str, arch_config: dict[str, Any] | None, weights: str | None,
+                     where: str = "model.encoders.*", needed_by: str = "model.encoders.*.type 'open_clip'", **kwargs):
+    """A whole open_clip model on the CPU in fp32: a built-in architecture, or ``arch_config``
+    registered under ``model_name``; weights from a local file when given. ``where`` prefixes the
+    config key paths in error messages."""
+    open_clip = _import_open_clip(needed_by)
+    if arch_config is not None:
+        _register_config(open_clip, model_name, copy.deepcopy(arch_config), where)
+    elif model_name not in open_clip.list_models():
+        raise ValueError(
+            f"{where}.model_name: open_clip has no model {model_name!r} (see open_clip.list_models(), or give model_config)"
+        )
+    if weights is not None:
+        kwargs["pretrained"] = str(local_file(weights, f"{where}.weights"))
+    return open_clip.create_model(model_name, device="cpu", precision="fp32", **kwargs)
+
+
 class OpenClipEncoder(Encoder):
     def __init__(self, opts: OpenClipOptions):
         super().__init__(opts.select_layers)
-        open_clip = _import_open_clip()
-        if opts.arch_config is not None:
-            _register_config(open_clip, opts.model_name, copy.deepcopy(opts.arch_config))
-        elif opts.model_name not in open_clip.list_models():
-            raise ValueError(
-                f"model.encoders.*.model_name: open_clip has no model {opts.model_name!r} "
-                "(see open_clip.list_models(), or give model_config)"
-            )
         kwargs: dict[str, Any] = {}
         if opts.img_size is not None:
             kwargs["force_image_size"] = opts.img_size
-        if opts.weights is not None:
-            path = Path(opts.weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"model.encoders.*.weights: no such file: {path}")
-            kwargs["pretrained"] = str(path)
-        model = open_clip.create_model(opts.model_name, device="cpu", precision="fp32", **kwargs)
+        model = create_open_clip(opts.model_name, opts.arch_config, opts.weights, **kwargs)
         self.visual = model.visual  # the text tower is dropped with ``model``
         if not hasattr(self.visual, "forward_intermediates"):
             raise ValueError(f"open_clip visual tower {type(self.visual).__name__} has no forward_intermediates")

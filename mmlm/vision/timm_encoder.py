@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import Field
 
 from mmlm.registry import ENCODERS
-from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, nchw_to_nlc
+from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, local_file, nchw_to_nlc
 
 
 class TimmOptions(EncoderOptions):
@@ -34,9 +33,7 @@ class TimmEncoder(Encoder):
         if opts.img_size is not None:
             kwargs["img_size"] = opts.img_size
         if opts.weights is not None:
-            path = Path(opts.weights)
-            if not path.is_file():
-                raise FileNotFoundError(f"model.encoders.*.weights: no such file: {path}")
+            path = local_file(opts.weights, "model.encoders.*.weights")
             kwargs["pretrained"] = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(path), "num_classes": 0}
         try:
