@@ -10,34 +10,20 @@ output does not depend on their order.
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from mmlm.connectors._base import Connector, ConnectorOptions
+from mmlm.connectors._base import Connector
+from mmlm.connectors._latent import FeedForward, LatentAttentionOptions
 from mmlm.registry import CONNECTORS
 
 
-class QFormerOptions(ConnectorOptions):
+class QFormerOptions(LatentAttentionOptions):
     num_queries: int = Field(32, ge=1)
     num_layers: int = Field(2, ge=1)
-    hidden: int | None = Field(None, gt=0)  # default: the encoder width
-    heads: int = Field(8, ge=1)
     cross_attention_freq: int = Field(2, ge=1)  # 2 in BLIP-2, 1 in Video-LLaMA
-    ffn_mult: float = Field(4.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     query_init_std: float = Field(0.02, gt=0)
-
-    @model_validator(mode="after")
-    def _heads(self):
-        if self.hidden is not None and self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        return self
-
-
-class FeedForward(nn.Sequential):
-    def __init__(self, dim: int, mult: float, dropout: float = 0.0):
-        inner = max(1, int(dim * mult))
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim))
 
 
 class QFormerLayer(nn.Module):
@@ -63,12 +49,7 @@ class QFormerLayer(nn.Module):
 class QFormerConnector(Connector):
     def __init__(self, opts: QFormerOptions, in_dim: int, out_dim: int):
         super().__init__(in_dim, out_dim)
-        hidden = opts.hidden or in_dim
-        if hidden % opts.heads:
-            raise ValueError(
-                f"model.connectors.*.heads: the Q-Former width {hidden} (hidden, default the encoder width) "
-                f"is not divisible by heads={opts.heads}"
-            )
+        hidden = opts.width(in_dim, "Q-Former")
         self.opts = opts
         self.queries = nn.Parameter(torch.randn(1, opts.num_queries, hidden) * opts.query_init_std)
         self.norm_feats = nn.LayerNorm(in_dim)  # BLIP-2's ln_vision; per token, so order-free

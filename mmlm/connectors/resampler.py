@@ -8,27 +8,19 @@ Each of ``depth`` layers: ``latents += Attn(q=LN(latents), kv=[LN(features); LN(
 from __future__ import annotations
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
-from mmlm.connectors._base import Connector, ConnectorOptions
-from mmlm.connectors.qformer import FeedForward
+from mmlm.connectors._base import Connector
+from mmlm.connectors._latent import FeedForward, LatentAttentionOptions
 from mmlm.registry import CONNECTORS
 
 
-class ResamplerOptions(ConnectorOptions):
+class ResamplerOptions(LatentAttentionOptions):
+    # ``hidden`` defaults to the encoder width; features are projected when it differs
     num_latents: int = Field(64, ge=1)
     depth: int = Field(2, ge=1)  # Flamingo uses 6
-    hidden: int | None = Field(None, gt=0)  # default: the encoder width (features are projected when it differs)
-    heads: int = Field(8, ge=1)
-    ffn_mult: float = Field(4.0, gt=0)
     latent_init_std: float = Field(0.02, gt=0)
-
-    @model_validator(mode="after")
-    def _heads(self):
-        if self.hidden is not None and self.hidden % self.heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
-        return self
 
 
 class PerceiverLayer(nn.Module):
@@ -49,12 +41,7 @@ class PerceiverLayer(nn.Module):
 class ResamplerConnector(Connector):
     def __init__(self, opts: ResamplerOptions, in_dim: int, out_dim: int):
         super().__init__(in_dim, out_dim)
-        hidden = opts.hidden or in_dim
-        if hidden % opts.heads:
-            raise ValueError(
-                f"model.connectors.*.heads: the resampler width {hidden} (hidden, default the encoder width) "
-                f"is not divisible by heads={opts.heads}"
-            )
+        hidden = opts.width(in_dim, "resampler")
         self.opts = opts
         self.proj_in = nn.Linear(in_dim, hidden) if hidden != in_dim else nn.Identity()
         self.latents = nn.Parameter(torch.randn(1, opts.num_latents, hidden) * opts.latent_init_std)
