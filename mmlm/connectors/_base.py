@@ -10,6 +10,8 @@ pixels (per-patch labels, the stage's options); connectors that need none ignore
 
 from __future__ import annotations
 
+import abc
+
 from typing import Any, Literal
 
 import torch
@@ -27,7 +29,7 @@ class ConnectorOptions(BaseModel):
     fusion: Literal["concat", "scalar_mix", "gated_xattn"] | None = None
 
 
-class Connector(nn.Module):
+class Connector(nn.Module, abc.ABC):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.in_dim = in_dim
@@ -36,8 +38,9 @@ class Connector(nn.Module):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return num_input_tokens
 
-    def forward(self, feats, context: dict[str, Any] | None = None):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, feats, context: dict[str, Any] | None = None):
+        """``[B, N, in_dim]`` (or a list of layers) -> ``[B, M, out_dim]`` or ``(tokens, aux_losses)``."""
 
 
 def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
