@@ -8,6 +8,7 @@ is rejected with its index: it is never truncated, so a media run can never be c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -67,6 +68,11 @@ class Processor:
         self.config = config or ProcessorConfig()
         self.use_template = self.config.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        # placeholder text -> modality, and a splitter that keeps the placeholders as pieces
+        self._markers = {spec.placeholder: name for name, spec in media.items()}
+        self._splitter = (
+            re.compile("(" + "|".join(re.escape(p) for p in self._markers) + ")") if self._markers else None
+        )
 
     # ------------------------------------------------------------------ text
     def _tok(self, text: str) -> list[int]:
@@ -152,33 +158,7 @@ class Processor:
         for name in media:
             if name not in self.media:
                 raise SampleError(f"this model has no {name!r} encoder; it takes {sorted(self.media) or 'text only'}", "bad media", index)
-        try:
-            segs = self._segments(messages, add_generation_prompt)
-        except SampleError as err:
-            err.index = index
-            raise SampleError(str(err), err.reason, index) from None
-        ids: list[int] = []
-        labels: list[int] = []
-        used = {name: 0 for name in self.media}
-        markers = {spec.placeholder: name for name, spec in self.media.items()}
-        import re
-
-        splitter = re.compile("(" + "|".join(re.escape(p) for p in markers) + ")") if markers else None
-        for text, supervised in segs:
-            pieces = splitter.split(text) if splitter else [text]
-            for piece in pieces:
-                if piece in markers:
-                    if supervised:
-                        raise SampleError(f"an assistant turn contains {piece}; media belongs in user turns", "bad format", index)
-                    name = markers[piece]
-                    spec = self.media[name]
-                    ids.extend([spec.token_id] * spec.num_tokens)
-                    labels.extend([IGNORE_INDEX] * spec.num_tokens)
-                    used[name] += 1
-                else:
-                    t = self._tok(piece)
-                    ids.extend(t)
-                    labels.extend(t if supervised else [IGNORE_INDEX] * len(t))
+        ids, labels, used = self._tokens(messages, add_generation_prompt, index)
         out_media: dict[str, list[torch.Tensor]] = {}
         for name, spec in self.media.items():
             items = list(media.get(name, []))
@@ -194,16 +174,35 @@ class Processor:
             raise SampleTooLong(len(ids), self.config.max_length, index)
         return Encoded(ids, labels, out_media, {k: list(v) for k, v in (meta or {}).items()})
 
+    def _tokens(self, messages: Sequence[dict], add_generation_prompt: bool, index: int | None):
+        """Input ids (placeholder runs expanded), labels, and the number of placeholders per modality."""
+        try:
+            segs = self._segments(messages, add_generation_prompt)
+        except SampleError as err:
+            raise SampleError(str(err), err.reason, index) from None
+        ids: list[int] = []
+        labels: list[int] = []
+        used = {name: 0 for name in self.media}
+        for text, supervised in segs:
+            for piece in self._splitter.split(text) if self._splitter else [text]:
+                if piece in self._markers:
+                    if supervised:
+                        raise SampleError(f"an assistant turn contains {piece}; media belongs in user turns", "bad format", index)
+                    name = self._markers[piece]
+                    spec = self.media[name]
+                    ids.extend([spec.token_id] * spec.num_tokens)
+                    labels.extend([IGNORE_INDEX] * spec.num_tokens)
+                    used[name] += 1
+                else:
+                    t = self._tok(piece)
+                    ids.extend(t)
+                    labels.extend(t if supervised else [IGNORE_INDEX] * len(t))
+        return ids, labels, used
+
     def count_tokens(self, messages: Sequence[dict]) -> int:
-        """Length of a conversation in LLM positions (media expanded), without loading media."""
-        n = 0
-        markers = {spec.placeholder: spec for spec in self.media.values()}
-        for text, _ in self._segments(messages, False):
-            for p, spec in markers.items():
-                n += text.count(p) * spec.num_tokens
-                text = text.replace(p, " ")
-            n += len(self._tok(text))
-        return n
+        """Length of a conversation in LLM positions (media expanded), exactly as ``encode`` builds
+        it, without loading media."""
+        return len(self._tokens(messages, False, None)[0])
 
     def collate(self, samples: Sequence[Encoded], padding_side: str | None = None) -> dict[str, Any]:
         side = padding_side or self.config.padding_side

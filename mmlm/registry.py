@@ -45,8 +45,7 @@ class Registry:
         def deco(builder):
             if name in self._entries and self._entries[name].builder is not builder:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            doc = summary or (builder.__doc__ or "").strip().splitlines()[0:1]
-            text = doc if isinstance(doc, str) else (doc[0] if doc else "")
+            text = summary or next(iter((builder.__doc__ or "").strip().splitlines()), "")
             self._entries[name] = Entry(name, builder, options, text)
             return builder
 

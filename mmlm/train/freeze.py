@@ -8,7 +8,7 @@ import torch
 
 
 def _match(name: str, patterns) -> bool:
-    return any(fnmatchcase(name, p) or fnmatchcase(name, p.rstrip(".*") + ".*") and p.endswith(".*") for p in patterns)
+    return any(fnmatchcase(name, p) for p in patterns)
 
 
 def apply_trainable(model, trainable: list[str], frozen: list[str]) -> list[str]:
