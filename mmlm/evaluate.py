@@ -55,17 +55,14 @@ def evaluate(model, data: StageDataset, max_questions: int | None = None, batch_
     qs = questions_from(data.records)[:max_questions]
     correct: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     preds = []
-    image_cache: dict[int, list] = {}
-    from mmlm.data.dataset import open_image
-    from pathlib import Path
-
+    cached: tuple[int | None, list] = (None, [])  # questions of one record come together: decode once
     for start in range(0, len(qs), batch_size):
         chunk = qs[start:start + batch_size]
         encoded = []
         for q in chunk:
-            if q.record not in image_cache:
-                image_cache = {q.record: [open_image(p) if isinstance(p, Path) else p for p in data.paths[q.record]]}
-            imgs = image_cache[q.record]
+            if cached[0] != q.record:
+                cached = (q.record, data.images(q.record))
+            imgs = cached[1]
             n_img = sum(m["content"].count("<image>") for m in q.messages)
             encoded.append(proc.encode(q.messages, {"image": imgs[:n_img]} if n_img else None,
                                        add_generation_prompt=True, index=q.record))

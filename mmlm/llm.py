@@ -62,7 +62,6 @@ class LoadedLLM:
     model: Any  # transformers PreTrainedModel
     tokenizer: Any  # transformers PreTrainedTokenizerBase
     pretrained: bool  # True when weights came from a source that the checkpoint can reference
-    tokenizer_trained: bool = False  # True when the tokenizer was fitted here (saved with checkpoints)
 
 
 def resolve_attn_implementation(requested: str) -> str:
@@ -191,7 +190,6 @@ def load_scratch(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: 
     model_type = cfg.pop("model_type", None)
     if not model_type:
         raise ValueError("model.llm.config.model_type is required (e.g. llama, qwen2, gpt2)")
-    trained = False
     if tokenizer_dir and Path(tokenizer_dir, "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -201,7 +199,6 @@ def load_scratch(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: 
                 "(build it through a training stage, or load a checkpoint that holds the tokenizer)"
             )
         tok = train_tokenizer(texts, o.tokenizer)
-        trained = True
     try:
         conf = AutoConfig.for_model(
             model_type,
@@ -215,7 +212,7 @@ def load_scratch(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: 
         raise ValueError(f"model.llm.config.model_type: {err}") from None
     attn = resolve_attn_implementation(o.attn_implementation)
     model = AutoModelForCausalLM.from_config(conf, attn_implementation=attn, dtype=_dtype(o.dtype))
-    return LoadedLLM(model, tok, pretrained=False, tokenizer_trained=trained)
+    return LoadedLLM(model, tok, pretrained=False)
 
 
 def load_llm(component, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:

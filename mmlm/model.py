@@ -33,7 +33,6 @@ class MultimodalOutput:
     lm_loss: torch.Tensor | None = None
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     hidden_states: tuple | None = None
-    past_key_values: Any = None
 
 
 class MultimodalLM(nn.Module):
@@ -156,12 +155,13 @@ class MultimodalLM(nn.Module):
             for step in range(max_new_tokens):
                 nxt = _pick(logits, temperature, top_p, top_k, gen)
                 finished_now = torch.isin(nxt, stops)
-                emit = torch.where(done, torch.full_like(nxt, -1), nxt)
-                for i in range(B):
-                    if not done[i] and not finished_now[i]:
-                        result[i].append(int(nxt[i]))
+                # one host transfer per step: the new token of each live sequence, -1 for the others
+                toks = torch.where(done | finished_now, torch.full_like(nxt, -1), nxt).tolist()
+                for i, t in enumerate(toks):
+                    if t >= 0:
+                        result[i].append(t)
                 if stream is not None:
-                    stream(step, [int(t) if not (d or f) else -1 for t, d, f in zip(emit.tolist(), done.tolist(), finished_now.tolist())])
+                    stream(step, toks)
                 done = done | finished_now
                 if bool(done.all()) or step == max_new_tokens - 1:
                     break
@@ -242,7 +242,6 @@ def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_
             layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
         )
     model = MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes)
-    model.tokenizer_trained = loaded.tokenizer_trained
     return model
 
 

@@ -79,13 +79,12 @@ class StageDataset:
     def load(self, i: int) -> Encoded:
         """Encode sample ``i``; raises SampleError for a sample that turns out bad (corrupt image)."""
         rec = self.records[i]
-        images = [open_image(p) if isinstance(p, Path) else p for p in self.paths[i]]
+        images = self.images(i)
         return self.processor.encode(rec.messages, {"image": images} if images else None, index=i, meta=rec.meta)
 
-    def texts(self):
-        for rec in self.records:
-            for m in rec.messages:
-                yield m["content"].replace("<image>", " ")
+    def images(self, i: int) -> list:
+        """Sample ``i``'s images, decoded (files) or as given (in-memory images)."""
+        return [open_image(p) if isinstance(p, Path) else p for p in self.paths[i]]
 
     def report(self) -> dict:
         return {"used": len(self.records), "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped)}
