@@ -105,11 +105,9 @@ def train_cmd(config: Path, out: Optional[Path] = typer.Option(None, help="run f
     from mmlm.train.runner import RunExists, train
 
     try:
-        import yaml
-
-        name = (yaml.safe_load(Path(config).read_text()) or {}).get("name", "mmlm") if Path(config).is_file() else Path(config).stem
-        out = out or Path("runs") / name
-        cfg = load_config(config, set_ or [], variables={"out": str(out)})
+        # without --out the run folder is runs/NAME, which is also what ${out} resolves to
+        cfg = load_config(config, set_ or [], variables={"out": str(out)} if out else None)
+        out = out or Path("runs") / cfg.name
         train(cfg, out, stage=stage, resume=resume, reporter=ConsoleReporter())
     except (ConfigError, RunExists, SampleError, FileNotFoundError) as err:
         _fail(err)

@@ -23,11 +23,13 @@ IGNORE_INDEX = -100
 class SampleError(ValueError):
     """A sample cannot be used; ``reason`` is a short category for skip counts."""
 
-    def __init__(self, message: str, reason: str, index: int | None = None):
+    def __init__(self, message: str, reason: str, index: int | None = None, where: str | None = None):
         self.reason = reason
         self.index = index
-        where = f"sample {index}: " if index is not None else ""
-        super().__init__(where + message)
+        self.detail = message  # the message without the location prefix
+        if where is None:
+            where = f"sample {index}" if index is not None else ""
+        super().__init__(f"{where}: {message}" if where else message)
 
 
 class SampleTooLong(SampleError):
@@ -179,7 +181,7 @@ class Processor:
         try:
             segs = self._segments(messages, add_generation_prompt)
         except SampleError as err:
-            raise SampleError(str(err), err.reason, index) from None
+            raise SampleError(err.detail, err.reason, index) from None
         ids: list[int] = []
         labels: list[int] = []
         used = {name: 0 for name in self.media}

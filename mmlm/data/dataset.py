@@ -43,11 +43,10 @@ class StageDataset:
                 self._bad(err, i, rec)
 
     def _bad(self, err: SampleError, i: int, rec: Record) -> None:
-        msg = f"{rec.source or self.name}: sample {i} (id {rec.id}): {str(err).split(': ', 1)[-1] if str(err).startswith('sample ') else err}"
         if self.policy == "error":
-            raise SampleError(msg, err.reason, i) from None
+            raise SampleError(err.detail, err.reason, i, where=f"{rec.source or self.name}: sample {i} (id {rec.id})") from None
         self.skipped[err.reason] += 1
-        log.debug("skipped %s", msg)
+        log.debug("skipped %s: sample %d (id %s): %s", rec.source or self.name, i, rec.id, err.detail)
 
     def _check(self, rec: Record, i: int) -> list:
         if "error" in rec.info:

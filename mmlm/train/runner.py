@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -79,8 +79,7 @@ def load_records(sources, where: str, cache: dict) -> list:
 
 
 class Trainer:
-    def __init__(self, cfg: PipelineConfig, out, reporter: Reporter | None = None,
-                 stop_after: int | None = None, eval_hook: Callable | None = None):
+    def __init__(self, cfg: PipelineConfig, out, reporter: Reporter | None = None, stop_after: int | None = None):
         if cfg.train is None:
             raise ConfigError("the config has no 'train' section", "train")
         self.cfg = cfg
@@ -231,7 +230,7 @@ class Trainer:
                     return data.load(i)
                 except SampleError as err:
                     if st.on_bad_sample == "error":
-                        raise SampleError(f"{st.name}: sample {i} (id {data.records[i].id}): {err}", err.reason, i) from None
+                        raise SampleError(err.detail, err.reason, i, where=f"{st.name}: sample {i} (id {data.records[i].id})") from None
                     skipped.append(err.reason)
             raise ValueError(f"train.stages.{idx} ({st.name}): every sample failed to load")
 
