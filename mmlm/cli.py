@@ -48,7 +48,8 @@ def _quiet() -> None:
 @config_app.command("validate")
 def config_validate(file: Path, set_: Optional[List[str]] = SetOpt):
     """Check a pipeline YAML: keys, types, component names and options."""
-    from mmlm.config import ConfigError, load_config
+    from mmlm.config import load_config
+    from mmlm.errors import ConfigError
 
     try:
         cfg = load_config(file, set_ or [])
@@ -61,7 +62,8 @@ def config_validate(file: Path, set_: Optional[List[str]] = SetOpt):
 @config_app.command("show")
 def config_show(file: Path, set_: Optional[List[str]] = SetOpt):
     """Print the resolved config (defaults filled in, overrides applied)."""
-    from mmlm.config import ConfigError, load_config
+    from mmlm.config import load_config
+    from mmlm.errors import ConfigError
 
     try:
         cfg = load_config(file, set_ or [])
@@ -99,10 +101,10 @@ def train_cmd(config: Path, out: Optional[Path] = typer.Option(None, help="run f
               set_: Optional[List[str]] = SetOpt):
     """Train the stages a pipeline YAML declares; each stage ends in a checkpoint."""
     _quiet()
-    from mmlm.config import ConfigError, load_config
-    from mmlm.processor import SampleError
+    from mmlm.config import load_config
+    from mmlm.errors import ConfigError, RunExists, SampleError
     from mmlm.train.progress import ConsoleReporter
-    from mmlm.train.runner import RunExists, train
+    from mmlm.train.runner import train
 
     try:
         # without --out the run folder is runs/NAME, which is also what ${out} resolves to
@@ -121,7 +123,7 @@ def ask_cmd(checkpoint: Path, question: str, image: Optional[Path] = typer.Optio
     _quiet()
     from PIL import Image
 
-    from mmlm.model import load
+    from mmlm.checkpoint import load
 
     try:
         model = load(checkpoint)
@@ -162,13 +164,13 @@ def eval_cmd(checkpoint: Path, data: Path = typer.Option(..., help="LLaVA JSON/J
     """Exact-match accuracy, overall and per question type."""
     _quiet()
     from mmlm.data.dataset import StageDataset
-    from mmlm.data.sources import read_llava
+    from mmlm.data.sources import LlavaOptions, read_llava
     from mmlm.evaluate import evaluate
-    from mmlm.model import load
+    from mmlm.checkpoint import load
 
     try:
         model = load(checkpoint)
-        recs = read_llava({"path": str(data), "image_root": str(image_root) if image_root else None})
+        recs = read_llava(LlavaOptions(path=str(data), image_root=str(image_root) if image_root else None))
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
     ds = StageDataset(recs, model.processor, "skip", name=str(data))

@@ -12,43 +12,53 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A pipeline config is wrong; ``path`` is the dotted key path of the offending entry."""
-
-    def __init__(self, message: str, path: str = ""):
-        self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+from mmlm.errors import ConfigError
+from mmlm.modalities import MODALITIES
+from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Component(BaseModel):
-    """A registry-built part: ``type`` picks the builder, every other key is one of its options."""
+class Part(BaseModel):
+    """A registry-built part: one key names it (``type``; ``format`` for data), every other key is one
+    of its options, checked against the part's options model. The typed options are parsed once, when
+    the config is validated, and kept for building."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
+    name_key: ClassVar[str] = "type"
+    _parsed: BaseModel | None = PrivateAttr(None)
+
+    @property
+    def name(self) -> str:
+        return getattr(self, self.name_key)
+
+    def options(self) -> dict[str, Any]:
+        """The raw options as written in the YAML."""
+        return dict(self.model_extra or {})
+
+    def parsed(self, registry, where: str) -> BaseModel:
+        if self._parsed is None:
+            self._parsed = registry.parse(self.name, self.options(), where, key=self.name_key)
+        return self._parsed
+
+
+class Component(Part):
     type: str
 
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
 
+class DataSource(Part):
+    """One data source of a stage; ``format`` picks the reader (llava, hf, shapes)."""
 
-class DataSource(BaseModel):
-    """One data source of a stage; ``format`` picks the reader (llava, jsonl, hf, shapes)."""
-
-    model_config = ConfigDict(extra="allow", protected_namespaces=())
+    name_key: ClassVar[str] = "format"
     format: str
-    weight: float = 1.0
-
-    def options(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
+    weight: float = Field(1.0, gt=0)
 
 
 class ModelConfig(Strict):
@@ -58,6 +68,14 @@ class ModelConfig(Strict):
     # a learned position embedding per media token, added in the LLM's space after the connector
     # (zero at init): tells the LLM which token of an image it is reading
     media_position: dict[str, Literal["learned"]] = Field(default_factory=dict)
+
+    @field_validator("encoders", "connectors", "media_position")
+    @classmethod
+    def _modalities(cls, v: dict):
+        for m in v:
+            if m not in MODALITIES:
+                raise ValueError(f"unknown modality {m!r}; valid choices: {', '.join(MODALITIES)}")
+        return v
 
     @model_validator(mode="after")
     def _pairs(self):
@@ -87,7 +105,9 @@ Precision = Literal["no", "fp16", "bf16"]
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     data: list[DataSource] = Field(min_length=1)
-    objective: Literal["lm", "contrastive"] = "lm"
+    # what the stage optimises: a weighted sum of registered objectives (mmlm/objectives/)
+    objectives: list[Component] = Field(default_factory=lambda: [Component(type="lm")], min_length=1)
+    objective: None = Field(None, exclude=True)  # replaced by ``objectives``; refused with a pointer
     trainable: list[str] = Field(default_factory=lambda: ["*"])
     frozen: list[str] = Field(default_factory=list)
     lr: float = Field(1e-4, gt=0)
@@ -108,6 +128,23 @@ class StageConfig(Strict):
     eval_every: int | None = Field(None, gt=0)
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _old_objective(cls, v):
+        raise ValueError(
+            f"'objective: {v}' was replaced by 'objectives', a list of weighted objectives, "
+            "e.g. objectives: [{type: lm}, {type: sea, weight: 1.0}]"
+        )
+
+    @field_validator("objectives")
+    @classmethod
+    def _unique_objectives(cls, v: list[Component]):
+        types = [o.type for o in v]
+        dup = sorted({t for t in types if types.count(t) > 1})
+        if dup:
+            raise ValueError(f"objective(s) {dup} listed more than once")
+        return v
 
     @model_validator(mode="after")
     def _length(self):
@@ -135,6 +172,9 @@ class TrainConfig(Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
+        for i, s in enumerate(self.stages):
+            if s.eval_every and self.eval is None:
+                raise ValueError(f"stages.{i}.eval_every: there is no train.eval section to evaluate on")
         return self
 
 
@@ -234,67 +274,22 @@ def _substitute(obj: Any, variables: dict[str, str]) -> Any:
 # validation
 
 
-def _loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc if not (isinstance(p, str) and p.startswith("function-")))
-
-
-def _format_errors(err: ValidationError, prefix: str = "", fields: list[str] | None = None) -> ConfigError:
-    lines = []
-    first_path = ""
-    for e in err.errors():
-        path = ".".join(p for p in (prefix, _loc(e["loc"])) if p)
-        first_path = first_path or path
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-            if fields:
-                msg += f"; valid keys: {', '.join(fields)}"
-        elif e["type"] == "literal_error" and "expected" in (e.get("ctx") or {}):
-            msg = f"invalid value {e.get('input')!r}; valid choices: {e['ctx']['expected']}"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        lines.append(f"{path}: {msg}" if path else msg)
-    exc = ConfigError("; ".join(lines))
-    exc.path = first_path
-    return exc
-
-
-def _validate_options(registry, comp, path: str, key: str = "type") -> dict[str, Any]:
-    from mmlm.registry import UnknownComponentError
-
-    name = getattr(comp, key)
-    try:
-        entry = registry.get(name)
-    except UnknownComponentError:
-        raise ConfigError(
-            f"unknown {registry.kind} {name!r}; valid choices: {', '.join(registry.names())}", f"{path}.{key}"
-        ) from None
-    opts = comp.options()
-    if entry.options is None:
-        return opts
-    try:
-        parsed = entry.options.model_validate(opts)
-    except ValidationError as err:
-        fields = [f.alias or name for name, f in entry.options.model_fields.items()]
-        raise _format_errors(err, path, fields) from None
-    return parsed.model_dump(mode="python")
-
-
 def validate_components(cfg: PipelineConfig) -> None:
-    from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES
-
+    """Check every part's name against its registry and its options against its options model."""
     for m, comp in cfg.model.encoders.items():
-        _validate_options(ENCODERS, comp, f"model.encoders.{m}")
+        comp.parsed(ENCODERS, f"model.encoders.{m}")
     for m, comp in cfg.model.connectors.items():
-        _validate_options(CONNECTORS, comp, f"model.connectors.{m}")
-    _validate_options(LLM_SOURCES, cfg.model.llm, "model.llm")
+        comp.parsed(CONNECTORS, f"model.connectors.{m}")
+    cfg.model.llm.parsed(LLM_SOURCES, "model.llm")
     if cfg.train is not None:
         for i, st in enumerate(cfg.train.stages):
             for j, src in enumerate(st.data):
-                _validate_options(DATA_FORMATS, src, f"train.stages.{i}.data.{j}", key="format")
+                src.parsed(DATA_FORMATS, f"train.stages.{i}.data.{j}")
+            for j, obj in enumerate(st.objectives):
+                obj.parsed(OBJECTIVES, f"train.stages.{i}.objectives.{j}")
         if cfg.train.eval is not None:
             for j, src in enumerate(cfg.train.eval.data):
-                _validate_options(DATA_FORMATS, src, f"train.eval.data.{j}", key="format")
+                src.parsed(DATA_FORMATS, f"train.eval.data.{j}")
 
 
 def parse_config(raw: dict, overrides: list[str] | tuple[str, ...] = (), variables: dict | None = None) -> PipelineConfig:
@@ -309,7 +304,7 @@ def parse_config(raw: dict, overrides: list[str] | tuple[str, ...] = (), variabl
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
-        raise _format_errors(err, fields=None) from None
+        raise ConfigError.from_validation(err) from None
     validate_components(cfg)
     return cfg
 

@@ -14,6 +14,7 @@ import torch
 
 from mmlm.data.dataset import StageDataset
 from mmlm.data.records import Record
+from mmlm.modalities import IMAGE_PLACEHOLDER
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -63,7 +64,7 @@ def evaluate(model, data: StageDataset, max_questions: int | None = None, batch_
             if cached[0] != q.record:
                 cached = (q.record, data.images(q.record))
             imgs = cached[1]
-            n_img = sum(m["content"].count("<image>") for m in q.messages)
+            n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in q.messages)
             encoded.append(proc.encode(q.messages, {"image": imgs[:n_img]} if n_img else None,
                                        add_generation_prompt=True, index=q.record))
         batch = proc.collate(encoded, padding_side="left")

@@ -88,10 +88,9 @@ def _ensure_pad(tokenizer) -> None:
 
 
 @LLM_SOURCES.register("hf", options=HFOptions, summary="any causal LM from a hub id or a local directory")
-def load_hf(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+def load_hf(o: HFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    o = HFOptions(**opts)
     attn = resolve_attn_implementation(o.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         o.path, revision=o.revision, dtype=_dtype(o.dtype), attn_implementation=attn
@@ -128,10 +127,9 @@ def resolve_gguf(path: str, file: str | None = None) -> tuple[Path, str]:
 
 
 @LLM_SOURCES.register("gguf", options=GGUFOptions, summary="a causal LM from a local GGUF file (dequantised)")
-def load_gguf(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+def load_gguf(o: GGUFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    o = GGUFOptions(**opts)
     folder, name = resolve_gguf(o.path, o.file)
     attn = resolve_attn_implementation(o.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
@@ -182,10 +180,9 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec):
 
 
 @LLM_SOURCES.register("scratch", options=ScratchOptions, summary="a causal LM built from a config, tokenizer fitted on the data")
-def load_scratch(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
+def load_scratch(o: ScratchOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    o = ScratchOptions(**opts)
     cfg = dict(o.config)
     model_type = cfg.pop("model_type", None)
     if not model_type:
@@ -216,5 +213,4 @@ def load_scratch(opts: dict, texts: Iterable[str] | None = None, tokenizer_dir: 
 
 
 def load_llm(component, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
-    entry = LLM_SOURCES.get(component.type, where="model.llm.type")
-    return entry.builder(component.options(), texts=texts, tokenizer_dir=tokenizer_dir)
+    return LLM_SOURCES.create(component, texts=texts, tokenizer_dir=tokenizer_dir, where="model.llm")

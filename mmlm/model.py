@@ -1,38 +1,47 @@
 """MultimodalLM: encoders -> connectors -> LLM, by composition.
 
 ``build(config)`` assembles the parts a pipeline config names and returns the model with its
-``processor``; ``load(dir)`` does the same from a checkpoint directory.
+``processor``; ``MultimodalLM.save`` writes a checkpoint directory that ``mmlm.load``
+(``mmlm/checkpoint.py``) reads back.
 """
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import yaml
 from torch import nn
 
-from mmlm import connectors as connector_lib
 from mmlm.config import PipelineConfig
+from mmlm.connectors import build_connector
+from mmlm.errors import PlaceholderMismatch
 from mmlm.llm import load_llm
-from mmlm.processor import MEDIA_TOKEN_IDS, MediaSpec, Processor
+from mmlm.modalities import IMAGE_PLACEHOLDER
+from mmlm.processor import MediaSpec, Processor
 from mmlm.registry import ENCODERS
+from mmlm.storage import CHECKPOINT_FORMAT, atomic_dir, save_tensors, tensor_digest
 
 log = logging.getLogger(__name__)
 
-
-class PlaceholderMismatch(ValueError):
-    pass
+TEXT_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
 @dataclass
 class MultimodalOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
-    lm_loss: torch.Tensor | None = None
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    """What a forward returns: the LLM's ``logits`` (and ``loss`` when ``labels`` were given, as in
+    transformers), its ``hidden_states`` when asked for, and ``media_tokens``: each modality's
+    connector output ``[items, M, D]`` (transformers' ``image_hidden_states``), for objectives."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
     hidden_states: tuple | None = None
+    media_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class MultimodalLM(nn.Module):
@@ -46,15 +55,14 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         # parameter-name prefixes whose weights come from a pretrained source the checkpoint references
         self.pretrained_prefixes = tuple(pretrained_prefixes)
-        # names under those prefixes that training has changed (saved with the checkpoint)
-        self.touched: set[str] = set()
-        self.current_stage: str | None = None  # set by the trainer; connectors may act per stage
+        # digests of those weights as the source gave them: a checkpoint stores the ones that differ
+        self.source_digests = {k: tensor_digest(v) for k, v in self._from_source().items()}
         media = {}
         self.media_pos = nn.ParameterDict()
         width = llm.get_input_embeddings().weight.shape[1]
         for name, enc in encoders.items():
             n_out = connectors[name].num_output_tokens(enc.num_tokens)
-            media[name] = MediaSpec(f"<{name}>", MEDIA_TOKEN_IDS[name], n_out, enc.preprocess)
+            media[name] = MediaSpec.of(name, n_out, enc.preprocess)
             if config.model.media_position.get(name) == "learned":
                 self.media_pos[name] = nn.Parameter(torch.zeros(n_out, width))
         self.processor = Processor(tokenizer, media, config.processor)
@@ -64,35 +72,32 @@ class MultimodalLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
-    def encode_media(self, name: str, values: torch.Tensor, context: dict | None = None):
-        enc = self.encoders[name]
-        feats = enc(values.to(self.device))
-        out = self.connectors[name](feats, context=context)
-        return connector_lib.split_output(out)
+    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The entries of a processor batch that ``forward`` takes (text inputs and media tensors);
+        labels and annotations stay behind for the objectives."""
+        keys = (*TEXT_INPUTS, *(spec.batch_key for spec in self.processor.media.values()))
+        return {k: batch[k] for k in keys if batch.get(k) is not None}
 
-    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None,
-                     media_meta: dict | None = None):
-        """Token embeddings with each placeholder run replaced by its connector output."""
+    def embed_inputs(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor] | None = None):
+        """Token embeddings with each placeholder run replaced by its media tokens; returns them and
+        each modality's connector output ``[items, M, D]``. ``media`` maps batch keys to tensors."""
         emb_layer = self.llm.get_input_embeddings()
         embeds = emb_layer(input_ids.clamp(min=0))
-        aux: dict[str, torch.Tensor] = {}
+        media_tokens: dict[str, torch.Tensor] = {}
         for name, spec in self.processor.media.items():
             mask = input_ids == spec.token_id
             n_slots = int(mask.sum())
-            values = (media or {}).get(name)
+            values = (media or {}).get(spec.batch_key)
             if values is None:
                 if n_slots:
                     raise PlaceholderMismatch(
-                        f"{n_slots} {name} placeholder positions in input_ids but no {name} features were given"
+                        f"{n_slots} {name} placeholder positions in input_ids but no {spec.batch_key} were given"
                     )
                 continue
-            context = {"meta": media_meta or {}, "llm": self.llm, "tokenizer": self.tokenizer,
-                       "training": self.training, "stage": self.current_stage,
-                       "pixels": values, "preprocess": self.encoders[name].preprocess.describe()}
-            tokens, a = self.encode_media(name, values, context)
+            tokens = self.connectors[name](self.encoders[name](values.to(self.device)))
+            media_tokens[name] = tokens
             if name in self.media_pos:
                 tokens = tokens + self.media_pos[name].to(tokens.dtype)
-            aux.update({f"{name}.{k}": v for k, v in a.items()})
             n_feat = tokens.shape[0] * tokens.shape[1]
             if n_slots != n_feat:
                 raise PlaceholderMismatch(
@@ -100,16 +105,17 @@ class MultimodalLM(nn.Module):
                     f"({tokens.shape[0]} items x {tokens.shape[1]} tokens) for {n_slots} placeholder positions"
                 )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
-        return embeds, aux
+        return embeds, media_tokens
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None, media_meta=None,
-                output_hidden_states: bool = False, aux_weight: float = 1.0, **media_values) -> MultimodalOutput:
-        media = {k[: -len("_values")]: v for k, v in media_values.items() if k.endswith("_values") and v is not None}
-        unknown = [k for k in media_values if not k.endswith("_values")]
+    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
+                output_hidden_states: bool = False, **media) -> MultimodalOutput:
+        """``media``: one tensor per modality under its batch key (``pixel_values=`` for images)."""
+        known = {spec.batch_key for spec in self.processor.media.values()}
+        unknown = sorted(set(media) - known)
         if unknown:
-            raise TypeError(f"unexpected inputs: {unknown}")
-        embeds, aux = self.embed_inputs(input_ids, media, media_meta)
+            raise TypeError(f"unexpected inputs {unknown}; this model takes media as {sorted(known) or 'none'}")
+        embeds, media_tokens = self.embed_inputs(input_ids, media)
         out = self.llm(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -118,10 +124,7 @@ class MultimodalLM(nn.Module):
             output_hidden_states=output_hidden_states,
             use_cache=False,
         )
-        loss = out.loss
-        if loss is not None and aux:
-            loss = loss + aux_weight * sum(aux.values())
-        return MultimodalOutput(loss, out.logits, out.loss, aux, getattr(out, "hidden_states", None))
+        return MultimodalOutput(out.logits, out.loss, getattr(out, "hidden_states", None), media_tokens)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -137,8 +140,7 @@ class MultimodalLM(nn.Module):
             mask = batch["attention_mask"].to(self.device)
             if (mask[:, -1] == 0).any():
                 raise ValueError("generate needs left padding: build the batch with padding_side='left'")
-            media = {k[: -len("_values")]: v for k, v in batch.items() if k.endswith("_values")}
-            embeds, _ = self.embed_inputs(batch["input_ids"].to(self.device), media, batch.get("media_meta"))
+            embeds, _ = self.embed_inputs(batch["input_ids"].to(self.device), batch)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
             gen = torch.Generator(device=self.device)
             if seed is not None:
@@ -180,19 +182,50 @@ class MultimodalLM(nn.Module):
         return self.processor.decode(self.generate(batch, **kw)[0])
 
     def ask(self, question: str, image=None, **kw) -> str:
-        content = f"<image>\n{question}" if image is not None else question
+        content = f"{IMAGE_PLACEHOLDER}\n{question}" if image is not None else question
         return self.chat([{"role": "user", "content": content}], {"image": [image]} if image is not None else None, **kw)
 
-    def save(self, directory, full: bool = False, metrics: dict | None = None) -> None:
-        from mmlm.train.checkpoint import save_checkpoint
+    # ------------------------------------------------------------------ checkpoint
+    def _from_source(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.state_dict().items() if k.startswith(self.pretrained_prefixes)}
 
-        save_checkpoint(self, directory, full=full, metrics=metrics)
+    def tensors_to_save(self, full: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor (``full``), or those a checkpoint must hold: the ones that do not come from a
+        pretrained source, and those from a source that differ from what it gave."""
+        state = self.state_dict()
+        if full:
+            return state
+        return {
+            k: v
+            for k, v in state.items()
+            if not k.startswith(self.pretrained_prefixes) or tensor_digest(v) != self.source_digests.get(k)
+        }
+
+    def save(self, directory, full: bool = False, metrics: dict | None = None) -> Path:
+        """Write a checkpoint directory atomically: ``mmlm.yaml`` (the resolved config, referencing
+        the pretrained sources), ``model.safetensors`` (``tensors_to_save``), the tokenizer files, and
+        ``metrics.json`` when given. ``mmlm.load`` reads it back."""
+        directory = Path(directory)
+        with atomic_dir(directory) as tmp:
+            save_tensors(self.tensors_to_save(full), tmp / "model.safetensors",
+                         metadata={"format": "pt", "mmlm": str(CHECKPOINT_FORMAT)})
+            self.tokenizer.save_pretrained(str(tmp))
+            doc = {
+                "mmlm": {
+                    "format": CHECKPOINT_FORMAT,
+                    "tensors": "full" if full else "trained",
+                    "pretrained_prefixes": list(self.pretrained_prefixes),
+                },
+                **self.config.to_dict(),
+            }
+            (tmp / "mmlm.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+            if metrics is not None:
+                (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return directory
 
 
 def _cache_kwarg(llm) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); accept either."""
-    import inspect
-
     params = inspect.signature(llm.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -230,23 +263,12 @@ def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_
     connectors = nn.ModuleDict()
     prefixes = ["llm."] if loaded.pretrained else []
     for name, comp in config.model.encoders.items():
-        if name not in MEDIA_TOKEN_IDS:
-            raise ValueError(f"model.encoders.{name}: unknown modality; valid: {', '.join(MEDIA_TOKEN_IDS)}")
-        entry = ENCODERS.get(comp.type, where=f"model.encoders.{name}.type")
-        enc = entry.builder(comp.options())
+        enc = ENCODERS.create(comp, where=f"model.encoders.{name}")
         if getattr(enc, "pretrained", False):
             prefixes.append(f"encoders.{name}.")
         encoders[name] = enc
-        connectors[name] = connector_lib.build(
+        connectors[name] = build_connector(
             config.model.connectors[name], enc.hidden_size, llm_dim, llm=loaded.model, where=f"model.connectors.{name}",
             layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
         )
-    model = MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes)
-    return model
-
-
-def load(directory, **overrides) -> MultimodalLM:
-    """Load a checkpoint directory written by ``MultimodalLM.save`` (safetensors only)."""
-    from mmlm.train.checkpoint import load_checkpoint
-
-    return load_checkpoint(directory, **overrides)
+    return MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes)

@@ -15,33 +15,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mmlm.config import ProcessorConfig
+from mmlm.errors import SampleError, SampleTooLong
 from mmlm.llm import CHAT_MARKERS
+from mmlm.modalities import MODALITIES
 
 IGNORE_INDEX = -100
-
-
-class SampleError(ValueError):
-    """A sample cannot be used; ``reason`` is a short category for skip counts."""
-
-    def __init__(self, message: str, reason: str, index: int | None = None, where: str | None = None):
-        self.reason = reason
-        self.index = index
-        self.detail = message  # the message without the location prefix
-        if where is None:
-            where = f"sample {index}" if index is not None else ""
-        super().__init__(f"{where}: {message}" if where else message)
-
-
-class SampleTooLong(SampleError):
-    def __init__(self, length: int, max_length: int, index: int | None = None):
-        self.length = length
-        self.max_length = max_length
-        super().__init__(
-            f"{length} tokens (media tokens included) exceed processor.max_length={max_length}; "
-            "the sample is rejected rather than truncated",
-            "too long",
-            index,
-        )
 
 
 @dataclass
@@ -50,6 +28,12 @@ class MediaSpec:
     token_id: int  # negative id written into input_ids, e.g. -200
     num_tokens: int  # how many LLM positions one item occupies
     transform: Callable[[Any], torch.Tensor]  # raw item (PIL image) -> tensor the encoder takes
+    batch_key: str  # where collate puts the stacked tensors, e.g. "pixel_values"
+
+    @classmethod
+    def of(cls, modality: str, num_tokens: int, transform) -> MediaSpec:
+        m = MODALITIES[modality]
+        return cls(m.placeholder, m.token_id, num_tokens, transform, m.batch_key)
 
 
 @dataclass
@@ -58,9 +42,6 @@ class Encoded:
     labels: list[int]
     media: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     meta: dict[str, list[Any]] = field(default_factory=dict)
-
-
-MEDIA_TOKEN_IDS = {"image": -200, "audio": -300}
 
 
 class Processor:
@@ -221,10 +202,10 @@ class Processor:
             mask[i, sl] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
-        for name in self.media:
+        for name, spec in self.media.items():
             items = [t for s in samples for t in s.media.get(name, [])]
             if items:
-                batch[f"{name}_values"] = torch.stack(items)
+                batch[spec.batch_key] = torch.stack(items)
         meta_keys = sorted({k for s in samples for k in s.meta})
         if meta_keys:
             batch["media_meta"] = {k: [v for s in samples for v in s.meta.get(k, [])] for k in meta_keys}

@@ -1,37 +1,41 @@
-"""Exact-name registries for the parts a pipeline YAML names (encoders, connectors, LLM sources).
+"""Exact-name registries of the parts a pipeline YAML names: encoders, connectors, LLM sources, data
+formats and training objectives.
 
-A registry maps a name to a builder and, optionally, a pydantic model of the options that builder
-accepts. ``config.py`` validates each component's options against that model so that a wrong option
-fails with its full key path before anything is built.
+Each entry is a class (or a loader function) registered with the pydantic model of its options::
+
+    @CONNECTORS.register("mlp", options=MLPOptions)
+    class MLPConnector(Connector):
+        def __init__(self, opts: MLPOptions, in_dim, out_dim, llm=None): ...
+
+``parse`` checks a YAML entry's options against that model once (``config.py`` does it for the
+whole config, so every mistake surfaces with its key path before anything is built) and ``create``
+calls the part with the parsed, typed options. ``example`` is a small working set of options, used
+by the contract tests that run over every registered part.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
-
-class UnknownComponentError(KeyError):
-    """An exact-name lookup failed; the message lists the valid names."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else ""
+from mmlm.errors import ConfigError, UnknownComponentError
 
 
 @dataclass(frozen=True)
 class Entry:
     name: str
-    builder: Callable[..., Any]
-    options: type[BaseModel] | None
+    target: Callable[..., Any]  # the class (or loader) called with the parsed options
+    options: type[BaseModel]
     summary: str
+    example: dict[str, Any] = field(default_factory=dict)
 
 
 class Registry:
-    """Name -> builder. Lookup is by exact name only: no aliases, no case folding."""
+    """Name -> part. Lookup is by exact name only: no aliases, no case folding."""
 
     def __init__(self, kind: str, packages: tuple[str, ...] = ()):
         self.kind = kind
@@ -41,13 +45,13 @@ class Registry:
         self._packages = packages
         self._loaded = False
 
-    def register(self, name: str, options: type[BaseModel] | None = None, summary: str = ""):
-        def deco(builder):
-            if name in self._entries and self._entries[name].builder is not builder:
+    def register(self, name: str, options: type[BaseModel], summary: str = "", example: dict | None = None):
+        def deco(target):
+            if name in self._entries and self._entries[name].target is not target:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            text = summary or next(iter((builder.__doc__ or "").strip().splitlines()), "")
-            self._entries[name] = Entry(name, builder, options, text)
-            return builder
+            text = summary or next(iter((target.__doc__ or "").strip().splitlines()), "")
+            self._entries[name] = Entry(name, target, options, text, dict(example or {}))
+            return target
 
         return deco
 
@@ -74,19 +78,44 @@ class Registry:
         self._load()
         if name not in self._entries:
             loc = f"{where}: " if where else ""
-            raise UnknownComponentError(
-                f"{loc}unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
-            )
+            raise UnknownComponentError(f"{loc}unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}")
         return self._entries[name]
 
     def __contains__(self, name: str) -> bool:
         self._load()
         return name in self._entries
 
+    def parse(self, name: str, options: dict[str, Any], where: str, key: str = "type") -> BaseModel:
+        """Typed options of part ``name``; any error is a ConfigError naming its key path under ``where``."""
+        try:
+            entry = self.get(name)
+        except UnknownComponentError:
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}", f"{where}.{key}"
+            ) from None
+        try:
+            return entry.options.model_validate(options)
+        except ValidationError as err:
+            fields = [f.alias or n for n, f in entry.options.model_fields.items()]
+            raise ConfigError.from_validation(err, where, fields) from None
+
+    def create(self, component, *args, where: str, **kwargs):
+        """Build the part a config entry names (``type``/``format`` plus options), with the options
+        parsed once at validation (parsed here when the entry was never validated)."""
+        entry = self.get(component.name, where=f"{where}.{component.name_key}")
+        return entry.target(component.parsed(self, where), *args, **kwargs)
+
 
 ENCODERS = Registry("encoder", packages=("mmlm.vision", "mmlm.audio"))
 CONNECTORS = Registry("connector", packages=("mmlm.connectors",))
 LLM_SOURCES = Registry("llm source", packages=("mmlm.llm",))
 DATA_FORMATS = Registry("data format", packages=("mmlm.data.sources",))
+OBJECTIVES = Registry("objective", packages=("mmlm.objectives",))
 
-ALL = {"encoders": ENCODERS, "connectors": CONNECTORS, "llm sources": LLM_SOURCES, "data formats": DATA_FORMATS}
+ALL = {
+    "encoders": ENCODERS,
+    "connectors": CONNECTORS,
+    "llm sources": LLM_SOURCES,
+    "data formats": DATA_FORMATS,
+    "objectives": OBJECTIVES,
+}

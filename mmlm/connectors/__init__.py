@@ -1,5 +1,5 @@
 """Connectors: one file each, registered by exact name in ``mmlm.registry.CONNECTORS``."""
 
-from mmlm.connectors._base import Connector, ConnectorOptions, build, split_output
+from mmlm.connectors._base import Connector, ConnectorOptions, build_connector
 
-__all__ = ["Connector", "ConnectorOptions", "build", "split_output"]
+__all__ = ["Connector", "ConnectorOptions", "build_connector"]

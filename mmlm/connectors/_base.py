@@ -1,22 +1,31 @@
 """The connector contract.
 
-``build(component, in_dim, out_dim, llm=None)`` makes a connector from its YAML entry. A connector's
-``forward(feats, context=None)`` turns encoder features ``[B, N, in_dim]`` (or a list of layers) into
-LLM input embeddings ``[B, M, out_dim]``; it may return ``(tokens, {"name": aux_loss})`` instead of
-the tensor alone. ``num_output_tokens(N)`` gives M before any forward so the processor can expand the
-``<image>`` placeholder to exactly that many ids. ``context`` carries what the batch knows beyond the
-pixels (per-patch labels, the stage's options); connectors that need none ignore it.
+A connector is a class registered in ``mmlm.registry.CONNECTORS`` with its options model and built
+with ``(options, in_dim, out_dim, llm)``. It has exactly two methods the rest of mmlm calls:
+
+- ``forward(feats) -> tokens``: encoder features ``[B, N, in_dim]`` -> LLM input embeddings
+  ``[B, M, out_dim]``. Pure: no LLM call, no stage, no labels, no loss. Training-time losses on the
+  tokens (SEA) are objectives (``mmlm/objectives/``) that read the tokens from the model's output.
+- ``num_output_tokens(N) -> M``, known before any forward, so the processor expands each media
+  placeholder to exactly M ids.
+
+What a connector needs of the LLM (AlignVLM's embedding matrix, Ovis's embedding statistics) it
+takes at build time from ``llm``; a tensor it uses by reference is held outside the module tree
+(``LLMRef``) so it is never part of the connector's state dict or of a checkpoint twice.
 """
 
 from __future__ import annotations
 
 import abc
-
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+
+from mmlm.connectors._fusion import FUSIONS, build_fusion
+from mmlm.errors import ConfigError
+from mmlm.registry import CONNECTORS
 
 
 class ConnectorOptions(BaseModel):
@@ -25,7 +34,7 @@ class ConnectorOptions(BaseModel):
     in_dim: int | None = Field(None, gt=0)
     out_dim: int | None = Field(None, gt=0)
     # how to merge several encoder layers (``select_layers`` with more than one entry) before the
-    # connector: see ``mmlm/connectors/_fusion.py``; ignored when the encoder gives one layer
+    # connector: see ``mmlm/connectors/_fusion.py``; refused when the encoder gives one layer
     fusion: Literal["concat", "scalar_mix", "gated_xattn"] | None = None
 
 
@@ -39,61 +48,61 @@ class Connector(nn.Module, abc.ABC):
         return num_input_tokens
 
     @abc.abstractmethod
-    def forward(self, feats, context: dict[str, Any] | None = None):
-        """``[B, N, in_dim]`` (or a list of layers) -> ``[B, M, out_dim]`` or ``(tokens, aux_losses)``."""
+    def forward(self, feats) -> torch.Tensor:
+        """``[B, N, in_dim]`` (a list of layers for a fused connector) -> ``[B, M, out_dim]``."""
 
 
-def split_output(out) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Normalise a connector's return value to ``(tokens, aux_losses)``."""
-    if isinstance(out, tuple):
-        tokens, aux = out
-        return tokens, dict(aux or {})
-    return out, {}
+class LLMRef:
+    """Holds the LLM outside ``nn.Module``'s registration (not a submodule, not in ``state_dict``);
+    ``copy.deepcopy`` shares it rather than copying the whole LLM."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
 
 
-def build(component, in_dim: int, out_dim: int, llm: nn.Module | None = None, where: str = "model.connectors",
-          layer_dims: list[int] | None = None) -> Connector:
+def build_connector(component, in_dim: int, out_dim: int, llm: nn.Module | None = None,
+                    where: str = "model.connectors", layer_dims: list[int] | None = None) -> Connector:
     """Build a connector from its config entry (``type`` plus options).
 
     ``layer_dims`` gives the width of each encoder layer when the encoder returns several (its
     ``select_layers`` order, deep layer first); the connector's ``fusion`` option then picks how they
     are merged, and the result is a connector that fuses and then applies the configured one."""
-    from mmlm.registry import CONNECTORS
-
-    entry = CONNECTORS.get(component.type, where=f"{where}.type")
-    opts = component.options()
-    if entry.options is not None:
-        opts = entry.options.model_validate(opts).model_dump(mode="python")
+    opts = component.parsed(CONNECTORS, where)
     multi = layer_dims is not None and len(layer_dims) > 1
     fusion = None
     if multi:
-        from mmlm.connectors import _fusion
-
-        kind = opts.get("fusion")
-        if kind is None:
-            from mmlm.config import ConfigError
-
+        if opts.fusion is None:
             raise ConfigError(
                 f"the encoder returns {len(layer_dims)} layers (select_layers) but no fusion is set; "
-                f"valid choices: {', '.join(_fusion.FUSIONS)}",
+                f"valid choices: {', '.join(FUSIONS)}",
                 f"{where}.fusion",
             )
-        fusion = _fusion.build_fusion(kind, list(layer_dims), where=f"{where}.fusion")
+        fusion = build_fusion(opts.fusion, list(layer_dims), where=f"{where}.fusion")
         in_dim = fusion.out_dim
+    elif opts.fusion is not None:
+        raise ConfigError(
+            f"fusion {opts.fusion!r} merges several encoder layers but the encoder gives one; "
+            "list several in the encoder's select_layers or drop fusion",
+            f"{where}.fusion",
+        )
     for key, actual, what in (
         ("in_dim", in_dim, "the fused encoder layers give" if multi else "the encoder produces"),
         ("out_dim", out_dim, "the LLM's hidden size is"),
     ):
-        declared = opts.get(key)
+        declared = getattr(opts, key)
         if declared is not None and declared != actual:
-            raise ValueError(
-                f"{where}.{key} is {declared} but {what} {actual}: dimension mismatch between "
-                f"{'encoder and connector' if key == 'in_dim' else 'connector and LLM'}"
+            raise ConfigError(
+                f"{declared} but {what} {actual}: dimension mismatch between "
+                f"{'encoder and connector' if key == 'in_dim' else 'connector and LLM'}",
+                f"{where}.{key}",
             )
-    inner = entry.builder(opts, in_dim=in_dim, out_dim=out_dim, llm=llm)
-    if fusion is None:
-        return inner
-    return FusedConnector(fusion, inner)
+    inner = CONNECTORS.create(component, in_dim, out_dim, llm, where=where)
+    return inner if fusion is None else FusedConnector(fusion, inner)
 
 
 class FusedConnector(Connector):
@@ -107,10 +116,10 @@ class FusedConnector(Connector):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return self.inner.num_output_tokens(num_input_tokens)
 
-    def forward(self, feats, context: dict[str, Any] | None = None):
+    def forward(self, feats) -> torch.Tensor:
         if not isinstance(feats, (list, tuple)):
             raise ValueError(
                 f"this connector fuses {self.fusion.num_layers} encoder layers but got a single tensor; "
                 "the encoder's select_layers must list that many layers"
             )
-        return self.inner(self.fusion(list(feats)), context=context)
+        return self.inner(self.fusion(list(feats)))

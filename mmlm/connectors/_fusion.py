@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmlm.errors import ConfigError
+
 FUSIONS = ("concat", "scalar_mix", "gated_xattn")
 
 
@@ -64,7 +66,7 @@ class ScalarMix(Fusion):
     def __init__(self, layer_dims: list[int], where: str = "fusion"):
         super().__init__(layer_dims)
         if len(set(layer_dims)) > 1:
-            raise ValueError(f"{where}: scalar_mix needs layers of equal width, but they have widths {layer_dims}; use concat or gated_xattn")
+            raise ConfigError(f"scalar_mix needs layers of equal width, but they have widths {layer_dims}; use concat or gated_xattn", where)
         self.out_dim = layer_dims[0]
         self.weights = nn.Parameter(torch.zeros(len(layer_dims)))
         self.gamma = nn.Parameter(torch.ones(()))
@@ -106,11 +108,11 @@ class GatedCrossAttentionFusion(Fusion):
 
 def build_fusion(kind: str, layer_dims: list[int], where: str = "model.connectors.*.fusion") -> Fusion:
     if len(layer_dims) < 2:
-        raise ValueError(f"{where}: fusion needs at least two encoder layers, got {len(layer_dims)}")
+        raise ConfigError(f"fusion needs at least two encoder layers, got {len(layer_dims)}", where)
     if kind == "concat":
         return ConcatFusion(layer_dims)
     if kind == "scalar_mix":
         return ScalarMix(layer_dims, where=where)
     if kind == "gated_xattn":
         return GatedCrossAttentionFusion(layer_dims)
-    raise ValueError(f"{where}: unknown fusion {kind!r}; valid choices: {', '.join(FUSIONS)}")
+    raise ConfigError(f"unknown fusion {kind!r}; valid choices: {', '.join(FUSIONS)}", where)

@@ -3,9 +3,9 @@
 ``F1 = LN(W1 f)`` with ``W1: Dv -> D``; ``P = softmax(LN(W2 F1))`` with ``W2: D -> V`` initialised
 from (a copy of) the LLM's output head; output ``P @ E`` with ``E`` the LLM's input embedding matrix.
 
-``E`` is used by reference: it is fetched from the LLM at forward time (``context["llm"]`` when the
-model passes it, else the LLM given at build time, held outside the module tree) so it is neither a
-parameter nor a buffer of the connector and a checkpoint never stores it twice. Tokens are
+``E`` is used by reference: the LLM given at build time is held outside the module tree and its
+current input embeddings are read at forward time, so ``E`` is neither a parameter nor a buffer of
+the connector, a checkpoint never stores it twice, and training the LLM's embeddings moves it. Tokens are
 processed ``chunk_tokens`` at a time, so at most one ``[chunk, V]`` matrix exists at once; during
 training each chunk is checkpointed (recomputed in the backward pass) so the saved activations do
 not grow to ``[tokens, V]`` either.
@@ -18,7 +18,7 @@ from pydantic import Field
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmlm.connectors._base import Connector, ConnectorOptions
+from mmlm.connectors._base import Connector, ConnectorOptions, LLMRef
 from mmlm.registry import CONNECTORS
 
 
@@ -27,21 +27,9 @@ class AlignVLMOptions(ConnectorOptions):
     checkpoint_chunks: bool = True  # recompute each chunk in backward instead of keeping its [chunk, V] activations
 
 
-class _Ref:
-    """Holds an object outside ``nn.Module``'s registration (not a submodule, not in ``state_dict``);
-    ``copy.deepcopy`` shares it rather than copying the whole LLM."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __deepcopy__(self, memo):
-        return self
-
-
+@CONNECTORS.register("alignvlm", options=AlignVLMOptions, summary="AlignVLM: softmax over the LLM vocabulary, mix of its input embeddings")
 class AlignVLMConnector(Connector):
-    def __init__(self, opts: AlignVLMOptions, in_dim: int, out_dim: int, llm):
+    def __init__(self, opts: AlignVLMOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         if llm is None:
             raise ValueError("alignvlm needs the LLM: its output head initialises W2 and its input embeddings are mixed")
@@ -62,15 +50,12 @@ class AlignVLMConnector(Connector):
         with torch.no_grad():
             self.w2.weight.copy_(head.weight.detach().to(self.w2.weight.dtype))  # a copy, trained on its own
         self.ln2 = nn.LayerNorm(V)
-        self._llm = _Ref(llm)
+        self._llm = LLMRef(llm)
 
     # ---------------------------------------------------------------- pieces
-    def embedding_matrix(self, context: dict | None = None) -> torch.Tensor:
+    def embedding_matrix(self) -> torch.Tensor:
         """E, the LLM's input embedding matrix ``[V, D]`` (by reference, never copied)."""
-        llm = (context or {}).get("llm")
-        if llm is None:
-            llm = self._llm.obj
-        return llm.get_input_embeddings().weight
+        return self._llm.obj.get_input_embeddings().weight
 
     def _probs(self, f1: torch.Tensor) -> torch.Tensor:
         return self.ln2(self.w2(f1)).float().softmax(-1)
@@ -79,18 +64,18 @@ class AlignVLMConnector(Connector):
         """P ``[B, N, V]`` for all tokens at once (for inspection and tests; ``forward`` chunks)."""
         return self._probs(self.ln1(self.w1(feats)))
 
-    def embed_probs(self, probs: torch.Tensor, context: dict | None = None) -> torch.Tensor:
+    def embed_probs(self, probs: torch.Tensor) -> torch.Tensor:
         """``P @ E``: distributions over the LLM vocabulary -> mixes of its input embeddings."""
-        E = self.embedding_matrix(context)
+        E = self.embedding_matrix()
         return probs.to(E.dtype) @ E
 
     def _chunk(self, f1: torch.Tensor, E: torch.Tensor) -> torch.Tensor:
         return self._probs(f1).to(E.dtype) @ E
 
     # ---------------------------------------------------------------- forward
-    def forward(self, feats, context=None):
+    def forward(self, feats):
         B, N, _ = feats.shape
-        E = self.embedding_matrix(context)
+        E = self.embedding_matrix()
         f1 = self.ln1(self.w1(feats)).reshape(B * N, -1)
         grad = torch.is_grad_enabled() and (f1.requires_grad or E.requires_grad)
         outs = []
@@ -102,7 +87,3 @@ class AlignVLMConnector(Connector):
                 outs.append(self._chunk(part, E))
         return torch.cat(outs, 0).reshape(B, N, -1)
 
-
-@CONNECTORS.register("alignvlm", options=AlignVLMOptions, summary="AlignVLM: softmax over the LLM vocabulary, mix of its input embeddings")
-def build_alignvlm(opts: dict, in_dim: int, out_dim: int, llm=None) -> AlignVLMConnector:
-    return AlignVLMConnector(AlignVLMOptions(**opts), in_dim, out_dim, llm)

@@ -20,8 +20,9 @@ class MLPOptions(ConnectorOptions):
     layernorm: bool = False  # InternVL-style LayerNorm on the input
 
 
+@CONNECTORS.register("mlp", options=MLPOptions, summary="LLaVA MLP projector (depth, activation)")
 class MLPConnector(Connector):
-    def __init__(self, opts: MLPOptions, in_dim: int, out_dim: int):
+    def __init__(self, opts: MLPOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         hidden = opts.hidden_dim or out_dim
         layers: list[nn.Module] = [nn.LayerNorm(in_dim)] if opts.layernorm else []
@@ -32,10 +33,6 @@ class MLPConnector(Connector):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, feats, context=None):
+    def forward(self, feats):
         return self.net(feats)
 
-
-@CONNECTORS.register("mlp", options=MLPOptions, summary="LLaVA MLP projector (depth, activation)")
-def build_mlp(opts: dict, in_dim: int, out_dim: int, llm=None) -> MLPConnector:
-    return MLPConnector(MLPOptions(**opts), in_dim, out_dim)

@@ -26,6 +26,7 @@ class OvisOptions(ConnectorOptions):
     init_from_llm: bool = False  # VTE ~ N(mean, std) of the LLM's input embedding table
 
 
+@CONNECTORS.register("ovis", options=OvisOptions, summary="Ovis visual embedding table with begin/end indicator tokens")
 class OvisConnector(Connector):
     def __init__(self, opts: OvisOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
@@ -58,7 +59,7 @@ class OvisConnector(Connector):
         idx = torch.tensor([self.begin_index, self.end_index], device=device)
         return F.one_hot(idx, self.vocab_size).float().unsqueeze(0).expand(batch, -1, -1)
 
-    def forward(self, feats, context=None):
+    def forward(self, feats):
         B = feats.shape[0]
         probs = self.probabilities(feats)
         ind = self.indicator_probabilities(B, feats.device)
@@ -66,7 +67,3 @@ class OvisConnector(Connector):
         table = self.vte.weight
         return probs.to(table.dtype) @ table
 
-
-@CONNECTORS.register("ovis", options=OvisOptions, summary="Ovis visual embedding table with begin/end indicator tokens")
-def build_ovis(opts: dict, in_dim: int, out_dim: int, llm=None) -> OvisConnector:
-    return OvisConnector(OvisOptions(**opts), in_dim, out_dim, llm=llm)

@@ -59,8 +59,9 @@ def unfold(y: torch.Tensor, scale: int) -> torch.Tensor:
     return y.reshape(B, g * scale * g * scale, C)
 
 
+@CONNECTORS.register("pixel_shuffle", options=PixelShuffleOptions, summary="fold s x s patch blocks into one token, then an MLP")
 class PixelShuffleConnector(Connector):
-    def __init__(self, opts: PixelShuffleOptions, in_dim: int, out_dim: int):
+    def __init__(self, opts: PixelShuffleOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         self.scale = opts.scale
         width = in_dim * opts.scale ** 2
@@ -71,10 +72,6 @@ class PixelShuffleConnector(Connector):
         side = grid_side(num_input_tokens, self.scale)
         return (side // self.scale) ** 2
 
-    def forward(self, feats, context=None):
+    def forward(self, feats):
         return self.mlp(fold(feats, self.scale))
 
-
-@CONNECTORS.register("pixel_shuffle", options=PixelShuffleOptions, summary="fold s x s patch blocks into one token, then an MLP")
-def build_pixel_shuffle(opts: dict, in_dim: int, out_dim: int, llm=None) -> PixelShuffleConnector:
-    return PixelShuffleConnector(PixelShuffleOptions(**opts), in_dim, out_dim)

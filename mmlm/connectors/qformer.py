@@ -46,8 +46,9 @@ class QFormerLayer(nn.Module):
         return q + self.ff(q)
 
 
+@CONNECTORS.register("qformer", options=QFormerOptions, summary="BLIP-2 Q-Former: K learned queries, output length K")
 class QFormerConnector(Connector):
-    def __init__(self, opts: QFormerOptions, in_dim: int, out_dim: int):
+    def __init__(self, opts: QFormerOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         hidden = opts.width(in_dim, "Q-Former")
         self.opts = opts
@@ -63,14 +64,10 @@ class QFormerConnector(Connector):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return self.opts.num_queries
 
-    def forward(self, feats, context=None):
+    def forward(self, feats):
         feats = self.norm_feats(feats)
         q = self.queries.expand(feats.shape[0], -1, -1).to(feats.dtype)
         for layer in self.layers:
             q = layer(q, feats)
         return self.proj(self.norm_out(q))
 
-
-@CONNECTORS.register("qformer", options=QFormerOptions, summary="BLIP-2 Q-Former: K learned queries, output length K")
-def build_qformer(opts: dict, in_dim: int, out_dim: int, llm=None) -> QFormerConnector:
-    return QFormerConnector(QFormerOptions(**opts), in_dim, out_dim)

@@ -38,8 +38,9 @@ class PerceiverLayer(nn.Module):
         return latents + self.ff(latents)
 
 
+@CONNECTORS.register("resampler", options=ResamplerOptions, summary="Flamingo perceiver resampler: latents attend to [feats; latents]")
 class ResamplerConnector(Connector):
-    def __init__(self, opts: ResamplerOptions, in_dim: int, out_dim: int):
+    def __init__(self, opts: ResamplerOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         hidden = opts.width(in_dim, "resampler")
         self.opts = opts
@@ -52,14 +53,10 @@ class ResamplerConnector(Connector):
     def num_output_tokens(self, num_input_tokens: int) -> int:
         return self.opts.num_latents
 
-    def forward(self, feats, context=None):
+    def forward(self, feats):
         x = self.proj_in(feats)
         lat = self.latents.expand(x.shape[0], -1, -1).to(x.dtype)
         for layer in self.layers:
             lat = layer(x, lat)
         return self.proj(self.norm_out(lat))
 
-
-@CONNECTORS.register("resampler", options=ResamplerOptions, summary="Flamingo perceiver resampler: latents attend to [feats; latents]")
-def build_resampler(opts: dict, in_dim: int, out_dim: int, llm=None) -> ResamplerConnector:
-    return ResamplerConnector(ResamplerOptions(**opts), in_dim, out_dim)

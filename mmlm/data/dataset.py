@@ -12,7 +12,9 @@ from typing import Sequence
 from PIL import Image, UnidentifiedImageError
 
 from mmlm.data.records import Record, resolve_image
-from mmlm.processor import Encoded, Processor, SampleError
+from mmlm.errors import SampleError
+from mmlm.modalities import IMAGE_PLACEHOLDER
+from mmlm.processor import Encoded, Processor
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +62,11 @@ class StageDataset:
                 paths.append(p)
             else:
                 paths.append(img)
-        n_ph = sum(m["content"].count("<image>") for m in rec.messages)
+        n_ph = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in rec.messages)
         if n_ph != len(rec.images):
-            raise SampleError(f"{n_ph} <image> placeholders but {len(rec.images)} images", "media count mismatch")
+            raise SampleError(
+                f"{n_ph} {IMAGE_PLACEHOLDER} placeholders but {len(rec.images)} images", "media count mismatch"
+            )
         if not any(m["role"] == "assistant" for m in rec.messages):
             raise SampleError("no assistant turn to learn from", "no target")
         n = self.processor.count_tokens(rec.messages)

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmlm.processor import SampleError
+from mmlm.errors import SampleError
+from mmlm.modalities import IMAGE_PLACEHOLDER, MODALITIES
 
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -21,6 +22,29 @@ class Record:
     info: dict[str, Any] = field(default_factory=dict)  # per-sample extras (question types, answers)
     source: str = ""
 
+    def texts(self) -> list[str]:
+        """Every text this record can feed the LLM: the messages (media placeholders removed) and the
+        words of its per-item annotations (e.g. per-patch labels). A from-scratch tokenizer is fitted
+        on these, so nothing a stage reads is out of its vocabulary."""
+        out = []
+        for m in self.messages:
+            text = m["content"]
+            for mod in MODALITIES.values():
+                text = text.replace(mod.placeholder, " ")
+            out.append(text)
+        out.extend(_strings(self.meta))
+        return out
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
+
 
 def llava_messages(conversations: list[dict], has_image: bool, where: str) -> list[dict]:
     msgs = []
@@ -32,11 +56,11 @@ def llava_messages(conversations: list[dict], has_image: bool, where: str) -> li
         if not isinstance(text, str):
             raise SampleError(f"{where}: turn {k} has no text 'value'", "bad format")
         msgs.append({"role": role, "content": text})
-    if has_image and not any("<image>" in m["content"] for m in msgs):
+    if has_image and not any(IMAGE_PLACEHOLDER in m["content"] for m in msgs):
         # LLaVA convention: an image with no placeholder goes before the first user turn
         for m in msgs:
             if m["role"] == "user":
-                m["content"] = "<image>\n" + m["content"]
+                m["content"] = f"{IMAGE_PLACEHOLDER}\n" + m["content"]
                 break
     return msgs
 

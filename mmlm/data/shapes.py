@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from mmlm.modalities import IMAGE_PLACEHOLDER
+
 SHAPES = ("circle", "square", "triangle")
 COLORS = {
     "red": (220, 40, 40),
@@ -195,12 +197,12 @@ def generate(out: str | Path, n: int, seed: int = 0, image_size: int = 96, quest
         qs = [qs[j] for j in order][: questions_per_image or len(qs)]
         sid = f"{seed}-{i}"
         captions.append({"id": sid, "image": name, "conversations": [
-            {"from": "human", "value": "<image>\ndescribe the image."},
+            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\ndescribe the image."},
             {"from": "gpt", "value": caption(objs)},
         ]})
         conv = []
         for k, q in enumerate(qs):
-            conv.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q["question"]})
+            conv.append({"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if k == 0 else "") + q["question"]})
             conv.append({"from": "gpt", "value": q["answer"]})
         vqa.append({"id": sid, "image": name, "conversations": conv, "question_types": [q["type"] for q in qs]})
         for k, q in enumerate(qs):

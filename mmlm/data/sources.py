@@ -10,7 +10,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmlm.data.records import Record, llava_messages
-from mmlm.processor import SampleError
+from mmlm.errors import SampleError
+from mmlm.modalities import IMAGE_PLACEHOLDER
 from mmlm.registry import DATA_FORMATS
 
 
@@ -52,8 +53,8 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
         info = {k: row[k] for k in ("question_types",) if k in row}
     elif "question" in row:
         q = row["question"]
-        if images and "<image>" not in q:
-            q = "<image>\n" + q
+        if images and IMAGE_PLACEHOLDER not in q:
+            q = f"{IMAGE_PLACEHOLDER}\n" + q
         msgs = [{"role": "user", "content": q}]
         if "answer" in row:
             msgs.append({"role": "assistant", "content": str(row["answer"])})
@@ -64,8 +65,7 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
 
 
 @DATA_FORMATS.register("llava", options=LlavaOptions, summary="LLaVA-format JSON or JSONL, images under image_root")
-def read_llava(opts: dict) -> list[Record]:
-    o = LlavaOptions(**opts)
+def read_llava(o: LlavaOptions) -> list[Record]:
     path = Path(o.path)
     root = Path(o.image_root) if o.image_root else path.parent
     rows = _read_json_rows(path)[: o.max_samples]
@@ -86,10 +86,9 @@ class HFOptions(SourceOptions):
 
 
 @DATA_FORMATS.register("hf", options=HFOptions, summary="a Hugging Face dataset (save_to_disk folder or load_dataset path)")
-def read_hf(opts: dict) -> list[Record]:
+def read_hf(o: HFOptions) -> list[Record]:
     import datasets
 
-    o = HFOptions(**opts)
     p = Path(o.path)
     if (p / "dataset_info.json").is_file() or (p / "state.json").is_file() or (p / "dataset_dict.json").is_file():
         ds = datasets.load_from_disk(str(p))
@@ -124,10 +123,9 @@ class ShapesOptions(SourceOptions):
 
 
 @DATA_FORMATS.register("shapes", options=ShapesOptions, summary="the synthetic shapes world (generated on first use)")
-def read_shapes(opts: dict) -> list[Record]:
+def read_shapes(o: ShapesOptions) -> list[Record]:
     from mmlm.data import shapes
 
-    o = ShapesOptions(**opts)
     root = Path(o.path)
     want = {"n_images": o.n, "seed": o.seed, "image_size": o.image_size}
     info_file = root / "world.json"
@@ -141,7 +139,7 @@ def read_shapes(opts: dict) -> list[Record]:
     else:
         shapes.generate(root, o.n, seed=o.seed, image_size=o.image_size, questions_per_image=o.questions_per_image)
     file = {"captions": "captions.json", "vqa": "vqa.json", "questions": "questions.jsonl"}[o.task]
-    records = read_llava({"path": str(root / file), "image_root": str(root), "max_samples": o.max_samples})
+    records = read_llava(LlavaOptions(path=str(root / file), image_root=str(root), max_samples=o.max_samples))
     scenes = {s["image"]: s for s in json.loads((root / "scenes.json").read_text())}
     labels = {}
     for img, s in scenes.items():  # per-patch word labels at every grid the world writes (for SEA)
@@ -154,5 +152,4 @@ def read_shapes(opts: dict) -> list[Record]:
 
 
 def read_source(src, where: str = "data") -> list[Record]:
-    entry = DATA_FORMATS.get(src.format, where=f"{where}.format")
-    return entry.builder(src.options())
+    return DATA_FORMATS.create(src, where=where)

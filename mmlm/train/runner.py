@@ -8,6 +8,10 @@ Layout of a run directory::
     OUT/stages/STAGE/        each finished stage's checkpoint
     OUT/final -> stages/LAST
     OUT/metrics.json         per-stage summaries, evaluation and accuracy curve
+
+A stage is: its batches by position (``batches.py``), the objectives it lists (``mmlm/objectives``),
+one optimizer step after another (``_optimizer_step``), evaluation every ``eval_every`` steps, and a
+checkpoint at the end (``_finish_stage``). Every seed comes from ``seeds.derive_seed``.
 """
 
 from __future__ import annotations
@@ -18,18 +22,26 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from mmlm.config import ConfigError, PipelineConfig, StageConfig
+from mmlm.checkpoint import load
+from mmlm.config import PipelineConfig, StageConfig
 from mmlm.data.dataset import StageDataset
 from mmlm.data.sources import read_source
-from mmlm.processor import SampleError
-from mmlm.train.checkpoint import load_checkpoint, load_train_state, save_checkpoint, save_train_state
+from mmlm.errors import ConfigError, RunExists, TrainingInterrupted
+from mmlm.evaluate import evaluate
+from mmlm.model import build
+from mmlm.objectives import Objective, StepInfo, build_objectives
+from mmlm.registry import OBJECTIVES
+from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
 from mmlm.train.schedule import lr_factor
+from mmlm.train.seeds import derive_seed
+from mmlm.train.state import load_train_state, save_train_state
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +60,6 @@ class Silent:
     def stage_end(self, *a, **k): pass
 
 
-class TrainingInterrupted(RuntimeError):
-    """Raised by ``stop_after`` (tests and tools simulating a kill after a number of steps)."""
-
-
-class RunExists(RuntimeError):
-    pass
-
-
 def _stage_dir(out: Path, name: str) -> Path:
     return out / "stages" / name
 
@@ -70,12 +74,38 @@ def load_records(sources, where: str, cache: dict) -> list:
         key = json.dumps({"format": src.format, **src.options()}, sort_keys=True)
         if key not in cache:
             cache[key] = read_source(src, where=f"{where}.{j}")
-        w = src.weight
         base = cache[key]
-        reps = int(w)
-        frac = w - reps
-        recs.extend(base * reps + base[: int(round(frac * len(base)))])
+        reps = int(src.weight)
+        recs.extend(base * reps + base[: int(round((src.weight - reps) * len(base)))])
     return recs
+
+
+@dataclass
+class StageRun:
+    """Everything one stage's loop works with."""
+
+    st: StageConfig
+    where: str
+    model: Any
+    pmodel: Any  # the model as accelerate prepared it
+    accelerator: Any
+    optimizer: torch.optim.Optimizer
+    objectives: list[Objective]
+    data: StageDataset
+    batches: Any  # iterator of micro-batches from the start position
+    eval_data: StageDataset | None
+    total: int
+    warmup: int
+    start: int
+    state_dir: Path
+    trainable: int
+    curve: list = field(default_factory=list)
+    completed: int = 0
+    tokens_seen: int = 0
+    loss_ema: float | None = None
+    losses_ema: dict[str, float] = field(default_factory=dict)
+    t0: float = field(default_factory=time.time)
+    last_step_time: float = field(default_factory=time.time)
 
 
 class Trainer:
@@ -83,6 +113,7 @@ class Trainer:
         if cfg.train is None:
             raise ConfigError("the config has no 'train' section", "train")
         self.cfg = cfg
+        self.seed = cfg.train.seed
         self.out = Path(out)
         self.reporter = reporter or Silent()
         self.stop_after = stop_after  # simulate a kill after this many optimizer steps in this call
@@ -102,48 +133,39 @@ class Trainer:
         if resume and mfile.is_file():
             self.metrics = json.loads(mfile.read_text())
 
-    def _initial_model(self):
-        from mmlm.model import build
-
-        init = self.out / "init"
-        if _is_checkpoint(init):
-            return load_checkpoint(init)
+    def tokenizer_texts(self) -> list[str]:
+        """What a from-scratch tokenizer must cover: every text the stages' records carry and every
+        word their objectives feed the LLM."""
         texts = []
         for i, st in enumerate(self.cfg.train.stages):
             for r in load_records(st.data, f"train.stages.{i}.data", self._cache):
-                texts.extend(m["content"].replace("<image>", " ") for m in r.messages)
-                for per_image in r.meta.values():  # word labels (SEA) must be in the vocabulary too
-                    for lab in per_image:
-                        for words in (lab.values() if isinstance(lab, dict) else [lab]):
-                            texts.extend(words if isinstance(words, list) else [str(words)])
-        torch.manual_seed(self.cfg.train.seed)
+                texts.extend(r.texts())
+            for j, obj in enumerate(st.objectives):
+                texts.extend(obj.parsed(OBJECTIVES, f"train.stages.{i}.objectives.{j}").texts())
+        return texts
+
+    def _initial_model(self):
+        init = self.out / "init"
+        if _is_checkpoint(init):
+            return load(init)
+        texts = self.tokenizer_texts()
+        torch.manual_seed(derive_seed(self.seed, "", 0, "init"))
         model = build(self.cfg, texts=texts)
-        save_checkpoint(model, init, full=False)
+        model.save(init)
         return model
 
-    def stage_dataset(self, model, st: StageConfig, idx: int) -> StageDataset:
-        recs = load_records(st.data, f"train.stages.{idx}.data", self._cache)
-        return StageDataset(recs, model.processor, st.on_bad_sample, name=st.name)
-
-    def eval_dataset(self, model) -> StageDataset | None:
-        ev = self.cfg.train.eval
-        if ev is None:
-            return None
-        recs = load_records(ev.data, "train.eval.data", self._cache)
-        return StageDataset(recs, model.processor, "skip", name="eval")
+    def _dataset(self, model, sources, where: str, policy: str, name: str) -> StageDataset:
+        return StageDataset(load_records(sources, where, self._cache), model.processor, policy, name=name)
 
     # -------------------------------------------------------------------------------- run
     def run(self, stage: str | None = None, resume: bool = False, model=None):
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         self._check_out(resume)
-        stages = self.cfg.train.stages
         if stage is not None:
             self.cfg.stage(stage)  # raises naming the valid stages
-        given = model
-        model = None
-        last = None
-        for idx, st in enumerate(stages):
+        given, model, last = model, None, None
+        for idx, st in enumerate(self.cfg.train.stages):
             ck = _stage_dir(self.out, st.name)
             selected = stage is None or st.name == stage
             if _is_checkpoint(ck) and (resume or not selected):
@@ -153,10 +175,10 @@ class Trainer:
                 continue
             if model is None:
                 if last is not None:
-                    model = load_checkpoint(last)
+                    model = load(last)
                 elif given is not None and not _is_checkpoint(self.out / "init"):
                     model = given
-                    save_checkpoint(model, self.out / "init")
+                    model.save(self.out / "init")
                 else:
                     model = self._initial_model()
             self.run_stage(model, st, idx, resume)
@@ -167,185 +189,164 @@ class Trainer:
                 final.unlink() if final.is_symlink() else shutil.rmtree(final)
             final.symlink_to(Path("stages") / last.name)
         if model is None and last is not None:
-            model = load_checkpoint(last)
+            model = load(last)
         return model
+
+    def run_stage(self, model, st: StageConfig, idx: int, resume: bool) -> dict:
+        run = self._start_stage(model, st, idx, resume)
+        try:
+            for step in range(run.start, run.total):
+                self._optimizer_step(run, step)
+                self._after_step(run, step + 1)
+        except BaseException as err:
+            # an error or Ctrl-C loses nothing: keep the last completed step (a micro-batch in
+            # flight is dropped; its gradients were never applied)
+            if run.start < run.completed < run.total and not isinstance(err, TrainingInterrupted):
+                self._save_state(run)
+            raise
+        return self._finish_stage(run)
+
+    # -------------------------------------------------------------------------------- stage pieces
+    def _start_stage(self, model, st: StageConfig, idx: int, resume: bool) -> StageRun:
+        from accelerate import Accelerator
+
+        where = f"train.stages.{idx}"
+        data = self._dataset(model, st.data, f"{where}.data", st.on_bad_sample, st.name)
+        if len(data) == 0:
+            raise ValueError(f"{where} ({st.name}): no usable samples ({data.report()})")
+        eval_data = None
+        if st.eval_every:
+            eval_data = self._dataset(model, self.cfg.train.eval.data, "train.eval.data", "skip", "eval")
+        objectives = build_objectives(st, model, where)
+        names = apply_trainable(model, st.trainable, st.frozen)
+        model.train()
+        if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable"):
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        groups = param_groups(model, st.lr, st.lr_groups, st.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.98), eps=1e-8)
+        total = st.steps or max(1, math.ceil(st.epochs * len(data) / (st.batch_size * st.grad_accum)))
+        state_dir = self.out / "state" / st.name
+        start, curve = 0, []
+        if resume and (state_dir / "state.json").is_file():
+            info = load_train_state(state_dir, model, optimizer)
+            start, curve = info["step"], info.get("curve", [])
+        accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
+        model.to(accelerator.device)
+        pmodel, optimizer = accelerator.prepare(model, optimizer)
+        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, where, st.on_bad_sample)
+        batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
+        self.reporter.stage_start(st.name, total, start, {"samples": len(data), **data.report(), "trainable": len(names)})
+        return StageRun(
+            st=st, where=where, model=model, pmodel=pmodel, accelerator=accelerator, optimizer=optimizer,
+            objectives=objectives, data=data, batches=batches, eval_data=eval_data, total=total,
+            warmup=st.warmup_steps or int(st.warmup_ratio * total), start=start, state_dir=state_dir,
+            trainable=len(names), curve=curve, completed=start,
+        )
+
+    def _losses(self, run: StageRun, batch: dict) -> dict[str, torch.Tensor]:
+        """The micro-batch's weighted losses by name (each objective's own, times its weight)."""
+        position = batch.pop("_position")
+        info = StepInfo(run.st.name, position, lambda purpose: derive_seed(self.seed, run.st.name, position, purpose))
+        hidden = any(o.needs_hidden_states for o in run.objectives)
+        out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
+        losses: dict[str, torch.Tensor] = {}
+        with run.accelerator.autocast():
+            for obj in run.objectives:
+                if obj.opts.weight == 0:
+                    continue
+                for name, value in obj(out, batch, info).items():
+                    losses[name] = obj.opts.weight * value
+        if not losses:
+            raise ValueError(f"{run.where} ({run.st.name}): no objective gave a loss for micro-batch {position}")
+        return losses
+
+    def _optimizer_step(self, run: StageRun, step: int) -> None:
+        st, device = run.st, run.accelerator.device
+        factor = lr_factor(step, run.total, run.warmup, st.schedule, st.min_lr_ratio)
+        for g in run.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        torch.manual_seed(derive_seed(self.seed, st.name, step, "step"))  # dropout etc. identical on resume
+        step_loss, step_tokens, parts = 0.0, 0, {}
+        for _ in range(st.grad_accum):
+            batch = next(run.batches)
+            for reason in batch.pop("_skipped"):
+                run.data.skipped[reason] += 1
+            step_tokens += int(batch["attention_mask"].sum())
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            losses = self._losses(run, batch)
+            loss = sum(losses.values()) / st.grad_accum
+            run.accelerator.backward(loss)
+            step_loss += float(loss.detach())
+            for name, value in losses.items():
+                parts[name] = parts.get(name, 0.0) + float(value.detach()) / st.grad_accum
+        if st.max_grad_norm:
+            params = [p for p in run.model.parameters() if p.requires_grad]
+            run.accelerator.clip_grad_norm_(params, st.max_grad_norm)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.completed = step + 1
+        run.tokens_seen += step_tokens
+        now = time.time()
+        tps = step_tokens / max(1e-9, now - run.last_step_time)
+        run.last_step_time = now
+        run.loss_ema = step_loss if run.loss_ema is None else 0.9 * run.loss_ema + 0.1 * step_loss
+        for name, value in parts.items():
+            prev = run.losses_ema.get(name)
+            run.losses_ema[name] = value if prev is None else 0.9 * prev + 0.1 * value
+        self.reporter.step(st.name, step + 1, run.total, run.loss_ema, tps, run.optimizer.param_groups[0]["lr"])
+
+    def _after_step(self, run: StageRun, done: int) -> None:
+        """Evaluate, save the state, or stop (``stop_after``) once step ``done`` is complete."""
+        st = run.st
+        if run.eval_data is not None and (done % st.eval_every == 0 or done == run.total):
+            ev = self.cfg.train.eval
+            m = evaluate_quick(run.model, run.eval_data, ev)
+            run.curve.append({"step": done, "seconds": round(time.time() - run.t0, 1), "loss": round(run.loss_ema, 4),
+                              "vqa_accuracy": m["vqa_accuracy"], "by_type": m["by_type"]})
+            self.reporter.eval(st.name, done, m)
+            run.model.train()
+        self.steps_this_call += 1
+        if done < run.total and (done % st.save_every == 0 or self.stop_after == self.steps_this_call):
+            self._save_state(run)
+        if self.stop_after is not None and self.steps_this_call >= self.stop_after and done < run.total:
+            raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
+
+    def _save_state(self, run: StageRun) -> None:
+        save_train_state(run.state_dir, run.model, run.optimizer, run.completed, {"stage": run.st.name, "curve": run.curve})
+
+    def _finish_stage(self, run: StageRun) -> dict:
+        st = run.st
+        model = run.accelerator.unwrap_model(run.pmodel, keep_fp32_wrapper=False)
+        if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_disable"):
+            model.llm.gradient_checkpointing_disable()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        wall = time.time() - run.t0
+        summary = {
+            "steps": run.total,
+            "resumed_from": run.start,
+            "seconds": round(wall, 1),
+            "final_loss": round(run.loss_ema, 4) if run.loss_ema is not None else None,
+            "losses": {k: round(v, 4) for k, v in run.losses_ema.items()},
+            "tokens_per_s": round(run.tokens_seen / max(wall, 1e-9), 1),
+            "data": run.data.report(),
+            "curve": run.curve,
+        }
+        model.save(_stage_dir(self.out, st.name), metrics=summary)
+        shutil.rmtree(run.state_dir, ignore_errors=True)
+        self.metrics.setdefault("stages", {})[st.name] = summary
+        self._write_metrics()
+        self.reporter.stage_end(st.name, summary)
+        return summary
 
     def _write_metrics(self) -> None:
         tmp = self.out / ".metrics.json.tmp"
         tmp.write_text(json.dumps(self.metrics, indent=2))
         os.replace(tmp, self.out / "metrics.json")
 
-    def run_stage(self, model, st: StageConfig, idx: int, resume: bool) -> dict:
-        from accelerate import Accelerator
-
-        seed = self.cfg.train.seed
-        data = self.stage_dataset(model, st, idx)
-        if len(data) == 0:
-            raise ValueError(f"train.stages.{idx} ({st.name}): no usable samples ({data.report()})")
-        eval_data = self.eval_dataset(model) if st.eval_every else None
-        names = apply_trainable(model, st.trainable, st.frozen)
-        model.current_stage = st.name
-        model.touched |= {n for n in names if any(n.startswith(p) for p in model.pretrained_prefixes)}
-        model.train()
-        if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable"):
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        groups = param_groups(model, st.lr, st.lr_groups, st.weight_decay)
-        optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.98), eps=1e-8)
-        per_step = st.batch_size * st.grad_accum
-        total = st.steps or max(1, math.ceil(st.epochs * len(data) / per_step))
-        warmup = st.warmup_steps or int(st.warmup_ratio * total)
-
-        state_dir = self.out / "state" / st.name
-        start = 0
-        curve = []
-        if resume and (state_dir / "state.json").is_file():
-            info = load_train_state(state_dir, model, optimizer)
-            start = info["step"]
-            curve = info.get("curve", [])
-        accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
-        device = accelerator.device
-        model.to(device)
-        pmodel, optimizer = accelerator.prepare(model, optimizer)
-
-        self.reporter.stage_start(st.name, total, start, {"samples": len(data), **data.report(), "trainable": len(names)})
-        n = len(data)
-        t0 = time.time()
-        tokens_seen = 0
-        loss_ema = None
-
-        perm_cache: dict[int, torch.Tensor] = {}
-
-        def sample_index(pos: int) -> int:
-            epoch, k = divmod(pos, n)
-            if epoch not in perm_cache:
-                perm_cache.clear()
-                g = torch.Generator().manual_seed(seed * 1_000_003 + idx * 10_007 + epoch)
-                perm_cache[epoch] = torch.randperm(n, generator=g)
-            return int(perm_cache[epoch][k])
-
-        def load_sample(pos: int, skipped: list):
-            for attempt in range(n):
-                i = sample_index(pos + attempt * 7919)
-                try:
-                    return data.load(i)
-                except SampleError as err:
-                    if st.on_bad_sample == "error":
-                        raise SampleError(err.detail, err.reason, i, where=f"{st.name}: sample {i} (id {data.records[i].id})") from None
-                    skipped.append(err.reason)
-            raise ValueError(f"train.stages.{idx} ({st.name}): every sample failed to load")
-
-        def make_batch(micro_index: int) -> dict:
-            """The micro-batch at a global position: a pure function of the position, so a resumed
-            run, or worker processes, see exactly the batches of an uninterrupted run."""
-            skipped: list = []
-            base = micro_index * st.batch_size
-            batch = model.processor.collate([load_sample(base + j, skipped) for j in range(st.batch_size)])
-            batch["_skipped"] = skipped
-            return batch
-
-        batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
-
-        last_step_time = time.time()
-        completed = start
-        try:
-            for step in range(start, total):
-                factor = lr_factor(step, total, warmup, st.schedule, st.min_lr_ratio)
-                for g in optimizer.param_groups:
-                    g["lr"] = g["base_lr"] * factor
-                torch.manual_seed(seed * 7_919 + idx * 104_729 + step)  # dropout etc. identical on resume
-                step_loss = 0.0
-                step_tokens = 0
-                for micro in range(st.grad_accum):
-                    batch = next(batches)
-                    for reason in batch.pop("_skipped"):
-                        data.skipped[reason] += 1
-                    step_tokens += int(batch["attention_mask"].sum())
-                    batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-                    out = pmodel(**batch)
-                    loss = out.loss / st.grad_accum
-                    accelerator.backward(loss)
-                    step_loss += float(loss.detach())
-                if st.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], st.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                completed = step + 1
-                tokens_seen += step_tokens
-                now = time.time()
-                tps = step_tokens / max(1e-9, now - last_step_time)
-                last_step_time = now
-                loss_ema = step_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * step_loss
-                self.reporter.step(st.name, step + 1, total, loss_ema, tps, optimizer.param_groups[0]["lr"])
-                done = step + 1
-                if eval_data is not None and (done % st.eval_every == 0 or done == total):
-                    ev = self.cfg.train.eval
-                    m = evaluate_quick(model, eval_data, ev)
-                    curve.append({"step": done, "seconds": round(time.time() - t0, 1), "loss": round(loss_ema, 4),
-                                  "vqa_accuracy": m["vqa_accuracy"], "by_type": m["by_type"]})
-                    self.reporter.eval(st.name, done, m)
-                    model.train()
-                self.steps_this_call += 1
-                if done < total and (done % st.save_every == 0 or self.stop_after == self.steps_this_call):
-                    save_train_state(state_dir, model, optimizer, done, {"stage": st.name, "curve": curve})
-                if self.stop_after is not None and self.steps_this_call >= self.stop_after and done < total:
-                    raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
-        except BaseException as err:
-            # an error or Ctrl-C loses nothing: keep the last completed step (a micro-batch in
-            # flight is dropped; its gradients were never applied)
-            if completed > start and not isinstance(err, TrainingInterrupted) and completed < total:
-                save_train_state(state_dir, model, optimizer, completed, {"stage": st.name, "curve": curve})
-            raise
-
-        model = accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)
-        model.current_stage = None
-        if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_disable"):
-            model.llm.gradient_checkpointing_disable()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.eval()
-        wall = time.time() - t0
-        summary = {
-            "steps": total,
-            "resumed_from": start,
-            "seconds": round(wall, 1),
-            "final_loss": round(loss_ema, 4) if loss_ema is not None else None,
-            "tokens_per_s": round(tokens_seen / max(wall, 1e-9), 1),
-            "data": data.report(),
-            "curve": curve,
-        }
-        save_checkpoint(model, _stage_dir(self.out, st.name), metrics=summary)
-        shutil.rmtree(state_dir, ignore_errors=True)
-        self.metrics.setdefault("stages", {})[st.name] = summary
-        self._write_metrics()
-        self.reporter.stage_end(st.name, summary)
-        return summary
-
-
-class _MicroBatches(torch.utils.data.Dataset):
-    def __init__(self, fn, start: int, stop: int):
-        self.fn, self.start, self.stop = fn, start, stop
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __getitem__(self, j: int) -> dict:
-        return self.fn(self.start + j)
-
-
-def iter_batches(fn, start: int, stop: int, num_workers: int):
-    """Micro-batches ``start..stop-1`` in order; with ``num_workers`` they are prepared ahead in
-    worker processes (image decoding and tokenisation overlap the model's step)."""
-    if num_workers <= 0:
-        return (fn(m) for m in range(start, stop))
-    loader = torch.utils.data.DataLoader(
-        _MicroBatches(fn, start, stop), batch_size=None, shuffle=False, num_workers=num_workers, prefetch_factor=4
-    )
-    return iter(loader)
-
 
 def evaluate_quick(model, data: StageDataset, ev) -> dict:
-    from mmlm.evaluate import evaluate
-
     return evaluate(model, data, max_questions=ev.max_questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
 
 

@@ -66,6 +66,12 @@ def _read_preprocessor(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
+EXAMPLE = {"config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}}  # a tiny working instance (contract tests)
+
+
+@ENCODERS.register("hf", options=HFEncoderOptions,
+                   summary="any Hugging Face vision model (hub id, local directory or config from scratch)", example=EXAMPLE)
 class HFEncoder(Encoder):
     def __init__(self, opts: HFEncoderOptions):
         super().__init__(opts.select_layers)
@@ -138,9 +144,3 @@ class HFEncoder(Encoder):
                     h = h[:, prefix:]
             out.append(h)
         return self._pick(out)
-
-
-@ENCODERS.register("hf", options=HFEncoderOptions,
-                   summary="any Hugging Face vision model (hub id, local directory or config from scratch)")
-def build_hf(opts: dict) -> HFEncoder:
-    return HFEncoder(HFEncoderOptions.model_validate(opts))

@@ -30,7 +30,7 @@ class OpenClipOptions(EncoderOptions):
     img_size: int | None = Field(None, gt=0)
 
 
-def _import_open_clip(needed_by: str = "model.encoders.*.type 'open_clip'"):
+def import_open_clip(needed_by: str = "model.encoders.*.type 'open_clip'"):
     try:
         import open_clip
     except ImportError as err:
@@ -61,7 +61,7 @@ def create_open_clip(model_name: str, arch_config: dict[str, Any] | None, weight
     """A whole open_clip model on the CPU in fp32: a built-in architecture, or ``arch_config``
     registered under ``model_name``; weights from a local file when given. ``where`` prefixes the
     config key paths in error messages."""
-    open_clip = _import_open_clip(needed_by)
+    open_clip = import_open_clip(needed_by)
     if arch_config is not None:
         _register_config(open_clip, model_name, copy.deepcopy(arch_config), where)
     elif model_name not in open_clip.list_models():
@@ -73,6 +73,13 @@ def create_open_clip(model_name: str, arch_config: dict[str, Any] | None, weight
     return open_clip.create_model(model_name, device="cpu", precision="fp32", **kwargs)
 
 
+EXAMPLE = {"model_name": "mmlm-example-clip", "model_config": {
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}}  # a tiny working instance (contract tests)
+
+
+@ENCODERS.register("open_clip", options=OpenClipOptions,
+                   summary="the image tower of an open_clip model (built-in or custom config, local weights)", example=EXAMPLE)
 class OpenClipEncoder(Encoder):
     def __init__(self, opts: OpenClipOptions):
         super().__init__(opts.select_layers)
@@ -97,9 +104,3 @@ class OpenClipEncoder(Encoder):
         out = self.visual.forward_intermediates(x, indices=order, intermediates_only=True, output_fmt="NCHW")
         by_index = dict(zip(order, out["image_intermediates"]))
         return self._pick([nchw_to_nlc(by_index[i]) for i in self.select_layers])
-
-
-@ENCODERS.register("open_clip", options=OpenClipOptions,
-                   summary="the image tower of an open_clip model (built-in or custom config, local weights)")
-def build_open_clip(opts: dict) -> OpenClipEncoder:
-    return OpenClipEncoder(OpenClipOptions.model_validate(opts))

@@ -23,6 +23,11 @@ class TimmOptions(EncoderOptions):
     pos_embed: bool = False
 
 
+EXAMPLE = {"model_name": "vit_tiny_patch16_224", "img_size": 32,
+             "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}  # a tiny working instance (contract tests)
+
+
+@ENCODERS.register("timm", options=TimmOptions, summary="any timm model (from scratch or a local weights file)", example=EXAMPLE)
 class TimmEncoder(Encoder):
     def __init__(self, opts: TimmOptions):
         super().__init__(opts.select_layers)
@@ -80,8 +85,3 @@ class TimmEncoder(Encoder):
         if f.ndim == 3:
             f = f[:, getattr(bb, "num_prefix_tokens", 0):]
         return nchw_to_nlc(f)
-
-
-@ENCODERS.register("timm", options=TimmOptions, summary="any timm model (from scratch or a local weights file)")
-def build_timm(opts: dict) -> TimmEncoder:
-    return TimmEncoder(TimmOptions(**opts))

@@ -1,0 +1,130 @@
+"""Read checkpoint directories: ``mmlm.load(dir)`` builds the model its ``mmlm.yaml`` names and
+loads ``model.safetensors`` into it, strictly (a tensor the model lacks, a misshapen one, or one the
+model needs that neither the file nor a pretrained source provides is an error). Loading reads
+safetensors only and never unpickles. ``MultimodalLM.save`` writes the directories.
+
+Checkpoints of format 1 (before training objectives were parts) are migrated on read: a ``sea``
+connector wrapping another becomes that connector, and a ``sea`` objective joins the stages it
+was active in.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mmlm.config import PipelineConfig, parse_config
+from mmlm.errors import CheckpointError
+from mmlm.model import MultimodalLM, build
+from mmlm.storage import CHECKPOINT_FORMAT
+
+log = logging.getLogger(__name__)
+
+# options of the old ``sea`` connector that configured its loss (not its inner connector)
+_SEA_LOSS_KEYS = ("temperature", "label_key", "target_grad", "labels", "word_list", "open_clip", "top_k",
+                  "label_temperature", "sample", "seed")
+
+
+def migrate_format1(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
+    """A format-1 config -> the current one. Returns the config, tensor-name prefix renames (old ->
+    new) and a line per change made."""
+    raw = copy.deepcopy(raw)
+    renames: dict[str, str] = {}
+    notes: list[str] = []
+    stages = (raw.get("train") or {}).get("stages") or []
+    for st in stages:
+        old = st.pop("objective", None)
+        if old not in (None, "lm"):
+            notes.append(f"stage {st.get('name')}: 'objective: {old}' was never read; it trained with lm")
+    for m, conn in (raw.get("model", {}).get("connectors") or {}).items():
+        if conn.get("type") != "sea":
+            continue
+        inner = dict(conn.get("inner") or {"type": "mlp"})
+        for key in ("in_dim", "out_dim", "fusion"):
+            if conn.get(key) is not None:
+                inner[key] = conn[key]
+        raw["model"]["connectors"][m] = inner
+        sea = {"type": "sea", **{k: conn[k] for k in _SEA_LOSS_KEYS if k in conn}}
+        if m != "image":
+            sea["modality"] = m
+        weights = conn.get("stage_weights") or {}
+        active = conn.get("stages")
+        for st in stages:
+            w = weights.get(st.get("name"), conn.get("weight", 1.0))
+            if (active is None or st.get("name") in active) and w > 0:
+                st.setdefault("objectives", [{"type": "lm"}]).append({**sea, "weight": w})
+        fused = conn.get("fusion") is not None
+        old_prefix = f"connectors.{m}.inner.inner." if fused else f"connectors.{m}.inner."
+        renames[old_prefix] = f"connectors.{m}.inner." if fused else f"connectors.{m}."
+        notes.append(f"connector {m}: sea around {inner['type']} -> {inner['type']} + a sea objective in its stages")
+    return raw, renames, notes
+
+
+def read_checkpoint_config(directory) -> tuple[PipelineConfig, dict[str, Any]]:
+    """The config a checkpoint was saved with (migrated when older) and its ``mmlm`` metadata; the
+    metadata's ``renames`` maps old tensor-name prefixes to current ones."""
+    directory = Path(directory)
+    f = directory / "mmlm.yaml"
+    if not f.is_file():
+        raise FileNotFoundError(f"{directory} is not an mmlm checkpoint (no mmlm.yaml)")
+    raw = yaml.safe_load(f.read_text())
+    meta = raw.pop("mmlm", {})
+    fmt = meta.get("format", 1)
+    if fmt > CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{f}: checkpoint format {fmt} is newer than this mmlm reads ({CHECKPOINT_FORMAT})")
+    if fmt == 1:
+        raw, meta["renames"], notes = migrate_format1(raw)
+        if notes:
+            log.warning("%s: migrated a format-1 checkpoint config: %s", directory, "; ".join(notes))
+    return parse_config(raw), meta
+
+
+def load_tensors(model: MultimodalLM, tensors: dict[str, torch.Tensor], where: str, complete: bool) -> None:
+    """Copy ``tensors`` into ``model``. Every name must be one of the model's, with its shape; with
+    ``complete``, every tensor the model needs (all but those a pretrained source gave it) must be
+    there, an alias of a tied weight counting as its twin."""
+    own = model.state_dict()
+    unknown = [k for k in tensors if k not in own]
+    if unknown:
+        raise CheckpointError(f"{where}: {len(unknown)} tensors the model does not have, e.g. {unknown[:3]}")
+    for k, v in tensors.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(
+                f"{where}: {k} has shape {tuple(v.shape)} in the file but {tuple(own[k].shape)} in the model"
+            )
+    if complete:
+        storage = {k: (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) for k, v in own.items()}
+        have = {storage[k] for k in tensors}
+        missing = [
+            k for k in own
+            if k not in tensors and not k.startswith(model.pretrained_prefixes) and storage[k] not in have
+        ]
+        if missing:
+            raise CheckpointError(
+                f"{where}: {len(missing)} tensors the model needs are missing, e.g. {missing[:3]}; "
+                "the file and its mmlm.yaml do not belong together"
+            )
+    model.load_state_dict(tensors, strict=False)
+
+
+def load(directory, overrides: tuple[str, ...] = (), device: str | None = None) -> MultimodalLM:
+    """Load a checkpoint directory written by ``MultimodalLM.save`` (safetensors only)."""
+    directory = Path(directory)
+    cfg, meta = read_checkpoint_config(directory)
+    if overrides:
+        cfg = parse_config(cfg.to_dict(), overrides)
+    model = build(cfg, tokenizer_dir=str(directory))
+    tensors = load_file(str(directory / "model.safetensors"))
+    for old, new in (meta.get("renames") or {}).items():
+        tensors = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in tensors.items()}
+    load_tensors(model, tensors, str(directory / "model.safetensors"), complete=True)
+    if device:
+        model.to(device)
+    model.eval()
+    return model

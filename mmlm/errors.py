@@ -1,0 +1,87 @@
+"""Error classes: the ground floor of the package (imports nothing of mmlm).
+
+Every error says what is wrong and where: a config key path, a sample index and source, a
+checkpoint file.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A pipeline config is wrong; ``path`` is the dotted key path of the offending entry."""
+
+    def __init__(self, message: str, path: str = ""):
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+    @classmethod
+    def from_validation(cls, err: Any, prefix: str = "", fields: list[str] | None = None) -> ConfigError:
+        """One error for every problem pydantic found, each with its full key path; ``fields`` lists
+        the valid keys, shown when a key is unknown."""
+        lines = []
+        first_path = ""
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            path = ".".join(p for p in (prefix, loc) if p)
+            first_path = first_path or path
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "extra_forbidden":
+                msg = "unknown key" + (f"; valid keys: {', '.join(fields)}" if fields else "")
+            elif e["type"] == "literal_error" and "expected" in (e.get("ctx") or {}):
+                msg = f"invalid value {e.get('input')!r}; valid choices: {e['ctx']['expected']}"
+            elif e["type"] == "missing":
+                msg = "required key is missing"
+            lines.append(f"{path}: {msg}" if path else msg)
+        exc = cls("; ".join(lines))
+        exc.path = first_path
+        return exc
+
+
+class UnknownComponentError(KeyError):
+    """An exact-name registry lookup failed; the message lists the valid names."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class SampleError(ValueError):
+    """A sample cannot be used. ``detail`` is the bare message, ``reason`` a short category for skip
+    counts, ``where`` the location (``sample 3``, ``data.json: sample 3 (id x)``)."""
+
+    def __init__(self, detail: str, reason: str, index: int | None = None, where: str | None = None):
+        self.reason = reason
+        self.index = index
+        self.detail = detail
+        if where is None:
+            where = f"sample {index}" if index is not None else ""
+        super().__init__(f"{where}: {detail}" if where else detail)
+
+
+class SampleTooLong(SampleError):
+    def __init__(self, length: int, max_length: int, index: int | None = None):
+        self.length = length
+        self.max_length = max_length
+        super().__init__(
+            f"{length} tokens (media tokens included) exceed processor.max_length={max_length}; "
+            "the sample is rejected rather than truncated",
+            "too long",
+            index,
+        )
+
+
+class PlaceholderMismatch(ValueError):
+    """The media placeholders of ``input_ids`` and the media features given do not match."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is not what its config says it is (missing, extra or misshapen tensors)."""
+
+
+class RunExists(RuntimeError):
+    """``--out`` already holds a run and ``--resume`` was not given."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by ``stop_after`` (tests and tools simulating a kill after a number of steps)."""

@@ -1,0 +1,77 @@
+"""The objective contract.
+
+A stage optimises a weighted sum of objectives::
+
+    objectives: [{type: lm}, {type: sea, weight: 1.0, temperature: 0.1}]
+
+An objective is a class registered in ``mmlm.registry.OBJECTIVES`` with its options model (a
+subclass of ``ObjectiveOptions``: ``weight`` plus its own typed options). The trainer builds it once
+per stage with ``(options, model, where)`` and calls it on every micro-batch:
+
+``objective(output, batch, step) -> {name: loss}``
+
+- ``output`` is the model's ``MultimodalOutput``: ``logits``, ``hidden_states`` (when the objective
+  sets ``needs_hidden_states``) and ``media_tokens`` (the connector output per modality,
+  ``[items, M, D]``, as transformers' ``image_hidden_states``).
+- ``batch`` is the processor's batch: ``input_ids``, ``attention_mask``, ``labels``, one tensor per
+  modality under its batch key (``pixel_values`` for images), and ``media_meta`` (per-item
+  annotations from the data, such as per-patch word labels).
+- ``step`` says where the micro-batch is (stage, position) and derives seeds from it, so any
+  randomness an objective draws is the same when a run resumes.
+
+It returns unweighted losses by name (an empty dict when the batch gives it nothing to do); the
+trainer multiplies them by ``weight`` and sums. What it needs of the model (the LLM's input
+embeddings, the tokenizer, an encoder's preprocessing) it takes by reference at build time. An
+objective is not an ``nn.Module`` and holds no trainable weights (what is learned lives in the
+model, so it is saved with it); a training-time helper such as SEA's frozen CLIP scorer is a plain
+attribute of the objective, so it never reaches the model's state dict, the optimizer or a
+checkpoint. ``ObjectiveOptions.texts`` names the words a from-scratch tokenizer must cover for it.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from mmlm.registry import OBJECTIVES
+
+
+class ObjectiveOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    weight: float = Field(1.0, ge=0)  # multiplies every loss the objective returns
+
+    def texts(self) -> list[str]:
+        """Words this objective feeds the LLM (a from-scratch tokenizer is fitted to cover them)."""
+        return []
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    stage: str
+    position: int  # the micro-batch's index in its stage
+    seed: Callable[[str], int]  # seed for a purpose at this position: seed("sea-labels")
+
+
+class Objective(abc.ABC):
+    needs_hidden_states: ClassVar[bool] = False
+
+    def __init__(self, opts: ObjectiveOptions, model, where: str):
+        self.opts = opts
+        self.where = where
+
+    @abc.abstractmethod
+    def __call__(self, output, batch: dict[str, Any], step: StepInfo) -> dict[str, torch.Tensor]:
+        """Unweighted named losses for one micro-batch."""
+
+
+def build_objectives(stage, model, where: str) -> list[Objective]:
+    """The objectives a stage lists, bound to ``model``; ``where`` is the stage's key path."""
+    out = []
+    for j, comp in enumerate(stage.objectives):
+        at = f"{where}.objectives.{j}"
+        out.append(OBJECTIVES.create(comp, model, at, where=at))
+    return out
