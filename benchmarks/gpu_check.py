@@ -28,17 +28,19 @@ def main() -> None:
 
     import transformers
 
+    from mmlm.checkpoint import load
     from mmlm.config import load_config
     from mmlm.data.dataset import StageDataset
     from mmlm.data.sources import read_source
     from mmlm.evaluate import evaluate
     from mmlm.llm import resolve_attn_implementation
-    from mmlm.model import load
     from mmlm.train.runner import train
 
     cuda = torch.cuda.is_available()
-    print(f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu'}; torch {torch.__version__}; "
-          f"transformers {transformers.__version__}; python {platform.python_version()}")
+    print(
+        f"device: {torch.cuda.get_device_name(0) if cuda else 'cpu'}; torch {torch.__version__}; "
+        f"transformers {transformers.__version__}; python {platform.python_version()}"
+    )
     print("attn auto ->", resolve_attn_implementation("auto"))
     try:
         print("flash_attention_2 ->", resolve_attn_implementation("flash_attention_2"))
@@ -54,24 +56,31 @@ def main() -> None:
     wall = time.time() - t0
     metrics = json.load(open(f"{args.out}/metrics.json"))
     for name, st in metrics["stages"].items():
-        print(f"stage {name}: {st['steps']} steps in {st['seconds']}s ({1000 * st['seconds'] / st['steps']:.1f} ms/step), "
-              f"{st['tokens_per_s']} tok/s, final loss {st['final_loss']}")
+        print(
+            f"stage {name}: {st['steps']} steps in {st['seconds']}s "
+            f"({1000 * st['seconds'] / st['steps']:.1f} ms/step), "
+            f"{st['tokens_per_s']} tok/s, final loss {st['final_loss']}"
+        )
     ev = cfg.train.eval
     recs = [r for j, s in enumerate(ev.data) for r in read_source(s)]
     data = StageDataset(recs, model.processor, "skip")
     model.to("cuda" if cuda else "cpu")
     t1 = time.time()
     m = evaluate(model, data, batch_size=256, max_new_tokens=ev.max_new_tokens)
-    print(f"held-out accuracy {m['vqa_accuracy']:.3f} on {m['n_eval']} questions ({time.time() - t1:.1f}s): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in m["by_type"].items()))
+    print(
+        f"held-out accuracy {m['vqa_accuracy']:.3f} on {m['n_eval']} questions ({time.time() - t1:.1f}s): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in m["by_type"].items())
+    )
     print(f"train wall {wall:.1f}s")
 
     again = load(f"{args.out}/final", device="cuda" if cuda else "cpu")
     enc = [model.processor.encode(q, {"image": [data.load(0).media["image"][0]]}) for q in [data.records[0].messages]]
-    batch = {k: (v.to(again.device) if isinstance(v, torch.Tensor) else v) for k, v in model.processor.collate(enc).items()}
+    batch = {
+        k: (v.to(again.device) if isinstance(v, torch.Tensor) else v) for k, v in model.processor.collate(enc).items()
+    }
     with torch.no_grad():
-        a = model(**batch).logits
-        b = again(**batch).logits
+        a = model(**model.inputs(batch)).logits
+        b = again(**again.inputs(batch)).logits
     print("save -> load identical logits on", again.device, ":", bool(torch.equal(a, b)))
 
 

@@ -27,8 +27,18 @@ from mmlm.storage import CHECKPOINT_FORMAT
 log = logging.getLogger(__name__)
 
 # options of the old ``sea`` connector that configured its loss (not its inner connector)
-_SEA_LOSS_KEYS = ("temperature", "label_key", "target_grad", "labels", "word_list", "open_clip", "top_k",
-                  "label_temperature", "sample", "seed")
+_SEA_LOSS_KEYS = (
+    "temperature",
+    "label_key",
+    "target_grad",
+    "labels",
+    "word_list",
+    "open_clip",
+    "top_k",
+    "label_temperature",
+    "sample",
+    "seed",
+)
 
 
 def migrate_format1(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
@@ -102,7 +112,8 @@ def load_tensors(model: MultimodalLM, tensors: dict[str, torch.Tensor], where: s
         storage = {k: (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) for k, v in own.items()}
         have = {storage[k] for k in tensors}
         missing = [
-            k for k in own
+            k
+            for k in own
             if k not in tensors and not k.startswith(model.pretrained_prefixes) and storage[k] not in have
         ]
         if missing:
@@ -122,7 +133,7 @@ def load(directory, overrides: tuple[str, ...] = (), device: str | None = None) 
     model = build(cfg, tokenizer_dir=str(directory))
     tensors = load_file(str(directory / "model.safetensors"))
     for old, new in (meta.get("renames") or {}).items():
-        tensors = {(new + k[len(old):] if k.startswith(old) else k): v for k, v in tensors.items()}
+        tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in tensors.items()}
     load_tensors(model, tensors, str(directory / "model.safetensors"), complete=True)
     if device:
         model.to(device)

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -46,7 +45,7 @@ def _quiet() -> None:
 
 
 @config_app.command("validate")
-def config_validate(file: Path, set_: Optional[List[str]] = SetOpt):
+def config_validate(file: Path, set_: list[str] | None = SetOpt):
     """Check a pipeline YAML: keys, types, component names and options."""
     from mmlm.config import load_config
     from mmlm.errors import ConfigError
@@ -60,7 +59,7 @@ def config_validate(file: Path, set_: Optional[List[str]] = SetOpt):
 
 
 @config_app.command("show")
-def config_show(file: Path, set_: Optional[List[str]] = SetOpt):
+def config_show(file: Path, set_: list[str] | None = SetOpt):
     """Print the resolved config (defaults filled in, overrides applied)."""
     from mmlm.config import load_config
     from mmlm.errors import ConfigError
@@ -84,9 +83,12 @@ def list_parts():
 
 
 @data_app.command("shapes")
-def data_shapes(out: Path = typer.Option(..., help="output folder"), n: int = typer.Option(1000, help="images"),
-                seed: int = typer.Option(0, help="seed (use disjoint seeds for held-out splits)"),
-                image_size: int = typer.Option(96, help="image side in pixels")):
+def data_shapes(
+    out: Path = typer.Option(..., help="output folder"),
+    n: int = typer.Option(1000, help="images"),
+    seed: int = typer.Option(0, help="seed (use disjoint seeds for held-out splits)"),
+    image_size: int = typer.Option(96, help="image side in pixels"),
+):
     """Write the shapes world: PNG images, captions and VQA in LLaVA JSON, per-patch labels."""
     from mmlm.data.shapes import generate
 
@@ -95,10 +97,13 @@ def data_shapes(out: Path = typer.Option(..., help="output folder"), n: int = ty
 
 
 @app.command("train")
-def train_cmd(config: Path, out: Optional[Path] = typer.Option(None, help="run folder (default runs/NAME)"),
-              stage: Optional[str] = typer.Option(None, help="run only this stage"),
-              resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last saved step"),
-              set_: Optional[List[str]] = SetOpt):
+def train_cmd(
+    config: Path,
+    out: Path | None = typer.Option(None, help="run folder (default runs/NAME)"),
+    stage: str | None = typer.Option(None, help="run only this stage"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last saved step"),
+    set_: list[str] | None = SetOpt,
+):
     """Train the stages a pipeline YAML declares; each stage ends in a checkpoint."""
     _quiet()
     from mmlm.config import load_config
@@ -117,8 +122,14 @@ def train_cmd(config: Path, out: Optional[Path] = typer.Option(None, help="run f
 
 
 @app.command("ask")
-def ask_cmd(checkpoint: Path, question: str, image: Optional[Path] = typer.Option(None, help="image file"),
-            max_new_tokens: int = 64, temperature: float = 0.0, stream: bool = False):
+def ask_cmd(
+    checkpoint: Path,
+    question: str,
+    image: Path | None = typer.Option(None, help="image file"),
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    stream: bool = False,
+):
     """Answer one question about an image with a trained checkpoint."""
     _quiet()
     from PIL import Image
@@ -135,10 +146,12 @@ def ask_cmd(checkpoint: Path, question: str, image: Optional[Path] = typer.Optio
             _fail(FileNotFoundError(f"--image: no such file: {image}"))
         img = Image.open(image).convert("RGB")
     if stream:
+
         def emit(step, toks):
             if toks[0] >= 0:
                 sys.stdout.write(model.processor.tokenizer.decode([toks[0]]) + " ")
                 sys.stdout.flush()
+
         model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit)
         print()
     else:
@@ -157,16 +170,21 @@ def _print_table(title: str, m: dict) -> None:
 
 
 @app.command("eval")
-def eval_cmd(checkpoint: Path, data: Path = typer.Option(..., help="LLaVA JSON/JSONL or questions JSONL"),
-             image_root: Optional[Path] = typer.Option(None, help="folder the image paths are relative to"),
-             out: Optional[Path] = typer.Option(None, help="write metrics JSON here"),
-             max_questions: Optional[int] = None, batch_size: int = 64, max_new_tokens: int = 16):
+def eval_cmd(
+    checkpoint: Path,
+    data: Path = typer.Option(..., help="LLaVA JSON/JSONL or questions JSONL"),
+    image_root: Path | None = typer.Option(None, help="folder the image paths are relative to"),
+    out: Path | None = typer.Option(None, help="write metrics JSON here"),
+    max_questions: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
+):
     """Exact-match accuracy, overall and per question type."""
     _quiet()
+    from mmlm.checkpoint import load
     from mmlm.data.dataset import StageDataset
     from mmlm.data.sources import LlavaOptions, read_llava
     from mmlm.evaluate import evaluate
-    from mmlm.checkpoint import load
 
     try:
         model = load(checkpoint)
@@ -183,7 +201,7 @@ def eval_cmd(checkpoint: Path, data: Path = typer.Option(..., help="LLaVA JSON/J
 
 
 @app.command("demo")
-def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set_: Optional[List[str]] = SetOpt):
+def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set_: list[str] | None = SetOpt):
     """Generate the shapes world, train the tiny recipe, evaluate on held-out questions."""
     _quiet()
     from mmlm.demo import run_demo
@@ -200,9 +218,13 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set
     _print_table(f"held-out VQA ({m['n_eval']} questions)", m)
     console.print(f"wall time {m['wall_seconds']}s; metrics: {out / 'metrics.json'}")
     qfile = out / "data" / "heldout" / "questions.jsonl"
-    q = json.loads(qfile.read_text().splitlines()[0]) if qfile.is_file() else {"image": "IMAGE.png", "question": "how many objects are there?"}
+    q = (
+        json.loads(qfile.read_text().splitlines()[0])
+        if qfile.is_file()
+        else {"image": "IMAGE.png", "question": "how many objects are there?"}
+    )
     image = out / "data" / "heldout" / q["image"] if qfile.is_file() else q["image"]
-    console.print(f"ask the trained model:\n  mmlm ask {out / 'final'} --image {image} \"{q['question']}\"")
+    console.print(f'ask the trained model:\n  mmlm ask {out / "final"} --image {image} "{q["question"]}"')
 
 
 def main() -> None:

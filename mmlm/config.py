@@ -87,7 +87,9 @@ class ModelConfig(Strict):
                 raise ValueError(f"connector {m!r} has no encoder; add model.encoders.{m}")
         for m in self.media_position:
             if m not in self.encoders:
-                raise ValueError(f"media_position.{m}: no encoder {m!r}; encoders: {', '.join(self.encoders) or 'none'}")
+                raise ValueError(
+                    f"media_position.{m}: no encoder {m!r}; encoders: {', '.join(self.encoders) or 'none'}"
+                )
         return self
 
 
@@ -255,6 +257,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 def _substitute(obj: Any, variables: dict[str, str]) -> Any:
     if isinstance(obj, str):
+
         def rep(m):
             name = m.group(1)
             if name in variables:
@@ -262,6 +265,7 @@ def _substitute(obj: Any, variables: dict[str, str]) -> Any:
             if name in os.environ:
                 return os.environ[name]
             raise ConfigError(f"unknown variable ${{{name}}}; known: {', '.join(sorted(variables))}")
+
         return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", rep, obj)
     if isinstance(obj, list):
         return [_substitute(v, variables) for v in obj]
@@ -292,7 +296,9 @@ def validate_components(cfg: PipelineConfig) -> None:
                 src.parsed(DATA_FORMATS, f"train.eval.data.{j}")
 
 
-def parse_config(raw: dict, overrides: list[str] | tuple[str, ...] = (), variables: dict | None = None) -> PipelineConfig:
+def parse_config(
+    raw: dict, overrides: list[str] | tuple[str, ...] = (), variables: dict | None = None
+) -> PipelineConfig:
     if not isinstance(raw, dict):
         raise ConfigError("a pipeline config must be a mapping at the top level")
     raw = copy.deepcopy(raw)

@@ -29,15 +29,17 @@ def run_demo(out: str | Path = "runs/demo", overrides=(), reporter=None, config:
     mfile = out / "metrics.json"
     metrics = json.loads(mfile.read_text()) if mfile.is_file() else {}
     curve = [pt for st in cfg.train.stages for pt in metrics.get("stages", {}).get(st.name, {}).get("curve", [])]
-    metrics.update({
-        "vqa_accuracy": result["vqa_accuracy"],
-        "n_eval": result["n_eval"],
-        "by_type": result["by_type"],
-        "n_by_type": result["n_by_type"],
-        "wall_seconds": round(wall, 1),
-        "train_seconds": round(sum(s.get("seconds", 0) for s in metrics.get("stages", {}).values()), 1),
-        "curve": curve,
-        "checkpoint": str(out / "final"),
-    })
+    metrics.update(
+        {
+            "vqa_accuracy": result["vqa_accuracy"],
+            "n_eval": result["n_eval"],
+            "by_type": result["by_type"],
+            "n_by_type": result["n_by_type"],
+            "wall_seconds": round(wall, 1),
+            "train_seconds": round(sum(s.get("seconds", 0) for s in metrics.get("stages", {}).values()), 1),
+            "curve": curve,
+            "checkpoint": str(out / "final"),
+        }
+    )
     mfile.write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -7,8 +7,9 @@ from __future__ import annotations
 import re
 import string
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -49,8 +50,14 @@ def questions_from(records: Sequence[Record]) -> list[Question]:
 
 
 @torch.no_grad()
-def evaluate(model, data: StageDataset, max_questions: int | None = None, batch_size: int = 64,
-             max_new_tokens: int = 8, return_predictions: bool = False) -> dict[str, Any]:
+def evaluate(
+    model,
+    data: StageDataset,
+    max_questions: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
     """Greedy answers to every question of ``data``; accuracy overall and by question type."""
     proc = model.processor
     qs = questions_from(data.records)[:max_questions]
@@ -58,25 +65,36 @@ def evaluate(model, data: StageDataset, max_questions: int | None = None, batch_
     preds = []
     cached: tuple[int | None, list] = (None, [])  # questions of one record come together: decode once
     for start in range(0, len(qs), batch_size):
-        chunk = qs[start:start + batch_size]
+        chunk = qs[start : start + batch_size]
         encoded = []
         for q in chunk:
             if cached[0] != q.record:
                 cached = (q.record, data.images(q.record))
             imgs = cached[1]
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in q.messages)
-            encoded.append(proc.encode(q.messages, {"image": imgs[:n_img]} if n_img else None,
-                                       add_generation_prompt=True, index=q.record))
+            encoded.append(
+                proc.encode(
+                    q.messages, {"image": imgs[:n_img]} if n_img else None, add_generation_prompt=True, index=q.record
+                )
+            )
         batch = proc.collate(encoded, padding_side="left")
         outs = model.generate(batch, max_new_tokens=max_new_tokens)
-        for q, ids in zip(chunk, outs):
+        for q, ids in zip(chunk, outs, strict=False):
             pred = proc.decode(ids)
             ok = int(normalize(pred) == normalize(q.answer))
             for key in (q.type, "__all__"):
                 correct[key][0] += ok
                 correct[key][1] += 1
             if return_predictions:
-                preds.append({"question": q.messages[-1]["content"], "answer": q.answer, "prediction": pred, "type": q.type, "correct": bool(ok)})
+                preds.append(
+                    {
+                        "question": q.messages[-1]["content"],
+                        "answer": q.answer,
+                        "prediction": pred,
+                        "type": q.type,
+                        "correct": bool(ok),
+                    }
+                )
     total = correct.pop("__all__", [0, 0])
     result = {
         "vqa_accuracy": total[0] / total[1] if total[1] else 0.0,

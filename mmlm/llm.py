@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -72,7 +73,8 @@ def resolve_attn_implementation(requested: str) -> str:
     if requested == "flash_attention_2" and not (cuda and has_fa):
         missing = [w for w, ok in (("a CUDA device", cuda), ("the flash-attn package", has_fa)) if not ok]
         raise RuntimeError(
-            "model.llm.attn_implementation: 'flash_attention_2' needs " + " and ".join(missing)
+            "model.llm.attn_implementation: 'flash_attention_2' needs "
+            + " and ".join(missing)
             + "; use 'auto' (flash attention where available, else sdpa), 'sdpa' or 'eager'"
         )
     return requested
@@ -103,7 +105,7 @@ def load_hf(o: HFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str
 def resolve_gguf(path: str, file: str | None = None) -> tuple[Path, str]:
     """Return (folder, file name) of a GGUF file given a file, a folder or ``pkg://PACKAGE/FILE``."""
     if path.startswith("pkg://"):
-        pkg, _, rest = path[len("pkg://"):].partition("/")
+        pkg, _, rest = path[len("pkg://") :].partition("/")
         spec = importlib.util.find_spec(pkg)  # locates the package without importing it
         if spec is None or not spec.submodule_search_locations:
             raise FileNotFoundError(f"model.llm.path: package {pkg!r} is not installed")
@@ -179,7 +181,9 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec):
     return tok
 
 
-@LLM_SOURCES.register("scratch", options=ScratchOptions, summary="a causal LM built from a config, tokenizer fitted on the data")
+@LLM_SOURCES.register(
+    "scratch", options=ScratchOptions, summary="a causal LM built from a config, tokenizer fitted on the data"
+)
 def load_scratch(o: ScratchOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import yaml
@@ -45,8 +46,15 @@ class MultimodalOutput:
 
 
 class MultimodalLM(nn.Module):
-    def __init__(self, config: PipelineConfig, encoders: nn.ModuleDict, connectors: nn.ModuleDict, llm, tokenizer,
-                 pretrained_prefixes: Iterable[str] = ()):
+    def __init__(
+        self,
+        config: PipelineConfig,
+        encoders: nn.ModuleDict,
+        connectors: nn.ModuleDict,
+        llm,
+        tokenizer,
+        pretrained_prefixes: Iterable[str] = (),
+    ):
         super().__init__()
         self.config = config
         self.encoders = encoders
@@ -108,8 +116,15 @@ class MultimodalLM(nn.Module):
         return embeds, media_tokens
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids, attention_mask=None, position_ids=None, labels=None,
-                output_hidden_states: bool = False, **media) -> MultimodalOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        output_hidden_states: bool = False,
+        **media,
+    ) -> MultimodalOutput:
         """``media``: one tensor per modality under its batch key (``pixel_values=`` for images)."""
         known = {spec.batch_key for spec in self.processor.media.values()}
         unknown = sorted(set(media) - known)
@@ -128,9 +143,16 @@ class MultimodalLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def generate(self, batch: dict[str, Any], max_new_tokens: int = 32, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-                 stream: Callable[[int, list[int]], None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        batch: dict[str, Any],
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stream: Callable[[int, list[int]], None] | None = None,
+    ) -> list[list[int]]:
         """Decode with the LLM's KV cache. ``batch`` comes from the processor with left padding.
         Greedy when ``temperature == 0``; otherwise sampling with top-k / top-p. ``stream(step,
         tokens)`` is called with the new token of each sequence (-1 once a sequence has finished)."""
@@ -146,7 +168,9 @@ class MultimodalLM(nn.Module):
             if seed is not None:
                 gen.manual_seed(seed)
             kw = _cache_kwarg(self.llm)
-            out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+            out = self.llm(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            )
             past = _cache_of(out)
             logits = out.logits[:, -1, :].float()
             B = mask.shape[0]
@@ -169,8 +193,13 @@ class MultimodalLM(nn.Module):
                     break
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
                 last_pos = last_pos + 1
-                out = self.llm(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=last_pos.unsqueeze(1),
-                               use_cache=True, **{kw: past})
+                out = self.llm(
+                    input_ids=nxt.unsqueeze(1),
+                    attention_mask=mask,
+                    position_ids=last_pos.unsqueeze(1),
+                    use_cache=True,
+                    **{kw: past},
+                )
                 past = _cache_of(out)
                 logits = out.logits[:, -1, :].float()
             return result
@@ -183,7 +212,9 @@ class MultimodalLM(nn.Module):
 
     def ask(self, question: str, image=None, **kw) -> str:
         content = f"{IMAGE_PLACEHOLDER}\n{question}" if image is not None else question
-        return self.chat([{"role": "user", "content": content}], {"image": [image]} if image is not None else None, **kw)
+        return self.chat(
+            [{"role": "user", "content": content}], {"image": [image]} if image is not None else None, **kw
+        )
 
     # ------------------------------------------------------------------ checkpoint
     def _from_source(self) -> dict[str, torch.Tensor]:
@@ -207,8 +238,11 @@ class MultimodalLM(nn.Module):
         ``metrics.json`` when given. ``mmlm.load`` reads it back."""
         directory = Path(directory)
         with atomic_dir(directory) as tmp:
-            save_tensors(self.tensors_to_save(full), tmp / "model.safetensors",
-                         metadata={"format": "pt", "mmlm": str(CHECKPOINT_FORMAT)})
+            save_tensors(
+                self.tensors_to_save(full),
+                tmp / "model.safetensors",
+                metadata={"format": "pt", "mmlm": str(CHECKPOINT_FORMAT)},
+            )
             self.tokenizer.save_pretrained(str(tmp))
             doc = {
                 "mmlm": {
@@ -253,8 +287,9 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, ge
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None,
-          llm=None) -> MultimodalLM:
+def build(
+    config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None, llm=None
+) -> MultimodalLM:
     """Assemble the model a config names. ``texts`` feeds a from-scratch tokenizer; ``llm`` (a
     ``mmlm.llm.LoadedLLM``) reuses an LLM already loaded from the source the config names."""
     loaded = llm if llm is not None else load_llm(config.model.llm, texts=texts, tokenizer_dir=tokenizer_dir)
@@ -268,7 +303,11 @@ def build(config: PipelineConfig, texts: Iterable[str] | None = None, tokenizer_
             prefixes.append(f"encoders.{name}.")
         encoders[name] = enc
         connectors[name] = build_connector(
-            config.model.connectors[name], enc.hidden_size, llm_dim, llm=loaded.model, where=f"model.connectors.{name}",
+            config.model.connectors[name],
+            enc.hidden_size,
+            llm_dim,
+            llm=loaded.model,
+            where=f"model.connectors.{name}",
             layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
         )
     return MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes)

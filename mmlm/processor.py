@@ -9,8 +9,9 @@ is rejected with its index: it is never truncated, so a media run can never be c
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -67,7 +68,9 @@ class Processor:
         """Split the rendered conversation into (text, supervised) pieces."""
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant"):
-                raise SampleError(f"message {i} has role {m.get('role')!r}; expected system, user or assistant", "bad format")
+                raise SampleError(
+                    f"message {i} has role {m.get('role')!r}; expected system, user or assistant", "bad format"
+                )
             if not isinstance(m.get("content"), str):
                 raise SampleError(f"message {i} has no text 'content'", "bad format")
         if self.config.system_prompt and not any(m["role"] == "system" for m in messages):
@@ -114,16 +117,18 @@ class Processor:
                     "assistant turns cannot be located; set processor.chat_template: builtin",
                     "bad template",
                 )
-            segs.append((before[len(done):], False))
-            segs.append((through[len(before):], True))
+            segs.append((before[len(done) :], False))
+            segs.append((through[len(before) :], True))
             done = through
         tail = self._render(messages, add_generation_prompt=add_generation_prompt)
         if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt:
             tail = tail if len(tail) > len(done) else done
         if not tail.startswith(done):
-            raise SampleError("chat template output is not prefix-stable; set processor.chat_template: builtin", "bad template")
+            raise SampleError(
+                "chat template output is not prefix-stable; set processor.chat_template: builtin", "bad template"
+            )
         if len(tail) > len(done):
-            segs.append((tail[len(done):], False))
+            segs.append((tail[len(done) :], False))
         return segs
 
     # ------------------------------------------------------------------ samples
@@ -140,7 +145,11 @@ class Processor:
         media = dict(media or {})
         for name in media:
             if name not in self.media:
-                raise SampleError(f"this model has no {name!r} encoder; it takes {sorted(self.media) or 'text only'}", "bad media", index)
+                raise SampleError(
+                    f"this model has no {name!r} encoder; it takes {sorted(self.media) or 'text only'}",
+                    "bad media",
+                    index,
+                )
         ids, labels, used = self._tokens(messages, add_generation_prompt, index)
         out_media: dict[str, list[torch.Tensor]] = {}
         for name, spec in self.media.items():
@@ -170,7 +179,9 @@ class Processor:
             for piece in self._splitter.split(text) if self._splitter else [text]:
                 if piece in self._markers:
                     if supervised:
-                        raise SampleError(f"an assistant turn contains {piece}; media belongs in user turns", "bad format", index)
+                        raise SampleError(
+                            f"an assistant turn contains {piece}; media belongs in user turns", "bad format", index
+                        )
                     name = self._markers[piece]
                     spec = self.media[name]
                     ids.extend([spec.token_id] * spec.num_tokens)
@@ -201,7 +212,12 @@ class Processor:
             labels[i, sl] = torch.tensor(s.labels, dtype=torch.long)
             mask[i, sl] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        batch: dict[str, Any] = {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "position_ids": position_ids}
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": mask,
+            "position_ids": position_ids,
+        }
         for name, spec in self.media.items():
             items = [t for s in samples for t in s.media.get(name, [])]
             if items:
@@ -211,14 +227,16 @@ class Processor:
             batch["media_meta"] = {k: [v for s in samples for v in s.meta.get(k, [])] for k in meta_keys}
         return batch
 
-    def __call__(self, conversations, media=None, *, add_generation_prompt: bool = True, padding_side: str | None = None):
+    def __call__(
+        self, conversations, media=None, *, add_generation_prompt: bool = True, padding_side: str | None = None
+    ):
         """Batch of conversations (or one) -> model inputs. For generation, padding is on the left."""
         if conversations and isinstance(conversations[0], dict):
             conversations, media = [conversations], [media or {}]
         media = media or [{}] * len(conversations)
         enc = [
             self.encode(c, m, add_generation_prompt=add_generation_prompt, index=i)
-            for i, (c, m) in enumerate(zip(conversations, media))
+            for i, (c, m) in enumerate(zip(conversations, media, strict=False))
         ]
         return self.collate(enc, padding_side or ("left" if add_generation_prompt else None))
 

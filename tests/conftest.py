@@ -37,6 +37,6 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_path):
     """SmolLM2-135M-Instruct loaded once per test session through mmlm's gguf source."""
-    from mmlm.llm import load_gguf
+    from mmlm.llm import GGUFOptions, load_gguf
 
-    return load_gguf({"path": str(smollm2_path), "attn_implementation": "sdpa"})
+    return load_gguf(GGUFOptions(path=str(smollm2_path), attn_implementation="sdpa"))

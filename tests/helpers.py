@@ -47,7 +47,16 @@ def tiny_raw(data_path: str | None = None, n: int = 40, steps: int = 6, image_si
             "stages": [
                 {
                     "name": "align",
-                    "data": [{"format": "shapes", "path": data_path, "n": n, "seed": 3, "image_size": image_size, "task": "captions"}],
+                    "data": [
+                        {
+                            "format": "shapes",
+                            "path": data_path,
+                            "n": n,
+                            "seed": 3,
+                            "image_size": image_size,
+                            "task": "captions",
+                        }
+                    ],
                     "trainable": ["connectors.*"],
                     "lr": 1e-3,
                     "steps": steps,
@@ -56,7 +65,16 @@ def tiny_raw(data_path: str | None = None, n: int = 40, steps: int = 6, image_si
                 },
                 {
                     "name": "instruct",
-                    "data": [{"format": "shapes", "path": data_path, "n": n, "seed": 3, "image_size": image_size, "task": "vqa"}],
+                    "data": [
+                        {
+                            "format": "shapes",
+                            "path": data_path,
+                            "n": n,
+                            "seed": 3,
+                            "image_size": image_size,
+                            "task": "vqa",
+                        }
+                    ],
                     "trainable": ["*"],
                     "lr": 1e-3,
                     "steps": steps,
@@ -74,13 +92,34 @@ def tiny_config(data_path: str | None = None, overrides=(), **kw):
 
 
 TEXTS = [
-    "describe the image.", "what color is the circle?", "red", "blue", "green", "what shape is the red object?",
-    "circle", "square", "triangle", "how many objects are there?", "one", "two", "three", "yes", "no",
-    "is there a red circle?", "top left: a small red circle.", "hello there", "where is the blue square?",
+    "describe the image.",
+    "what color is the circle?",
+    "red",
+    "blue",
+    "green",
+    "what shape is the red object?",
+    "circle",
+    "square",
+    "triangle",
+    "how many objects are there?",
+    "one",
+    "two",
+    "three",
+    "yes",
+    "no",
+    "is there a red circle?",
+    "top left: a small red circle.",
+    "hello there",
+    "where is the blue square?",
 ]
 
 
 def run_without_open_clip(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter where ``import open_clip`` fails (as on the GPU image)."""
-    return subprocess.run([sys.executable, "-c", "import sys; sys.modules['open_clip'] = None\n" + code],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['open_clip'] = None\n" + code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )

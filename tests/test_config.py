@@ -1,6 +1,7 @@
 import pytest
 
-from mmlm.config import ConfigError, apply_override, load_config, parse_config
+from mmlm.config import apply_override, load_config, parse_config
+from mmlm.errors import ConfigError
 from tests.helpers import tiny_raw
 
 
@@ -62,7 +63,9 @@ def test_unknown_encoder_and_data_format():
 
 
 def test_overrides_by_index_and_stage_name():
-    cfg = parse_config(tiny_raw("/tmp/x"), ["train.stages.1.lr=2e-5", "train.stages.align.steps=9", "processor.padding_side=left"])
+    cfg = parse_config(
+        tiny_raw("/tmp/x"), ["train.stages.1.lr=2e-5", "train.stages.align.steps=9", "processor.padding_side=left"]
+    )
     assert cfg.train.stages[1].lr == pytest.approx(2e-5)
     assert cfg.train.stages[0].steps == 9
     assert cfg.processor.padding_side == "left"

@@ -11,14 +11,16 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mmlm.config import Component, ConfigError, parse_config
-from mmlm.connectors import build
-from mmlm.connectors import _fusion
+from mmlm.config import Component, parse_config
+from mmlm.connectors import _fusion, build_connector
 from mmlm.connectors.pixel_shuffle import fold, unfold
+from mmlm.errors import ConfigError
 
 
 def make(type_, in_dim=32, out_dim=48, llm=None, layer_dims=None, **opts):
-    return build(Component(type=type_, **opts), in_dim, out_dim, llm=llm, where="model.connectors.image", layer_dims=layer_dims)
+    return build_connector(
+        Component(type=type_, **opts), in_dim, out_dim, llm=llm, where="model.connectors.image", layer_dims=layer_dims
+    )
 
 
 class TinyLM(nn.Module):
@@ -173,11 +175,19 @@ def test_alignvlm_embeddings_by_reference_not_in_state_dict():
         lm.emb.weight.add_(1.0)
         after = a(x)
     torch.testing.assert_close(after, before + 1.0, atol=1e-5, rtol=0)
-    # and the LLM passed in the forward context wins over the one given at build time
+    # the LLM is bound at build time only: the same weights bound to another LLM mix that LLM's
+    # embeddings, and forward takes the features and nothing else
     other = TinyLM()
+    b = make("alignvlm", llm=other)
+    b.load_state_dict(a.state_dict())
+    assert b._llm.obj is other and a._llm.obj is lm
     with torch.no_grad():
-        ctx = a(x, context={"llm": other})
-    torch.testing.assert_close(ctx, a.probabilities(x) @ other.emb.weight.detach(), atol=1e-5, rtol=0)
+        mixed = b(x)
+        torch.testing.assert_close(b.embed_probs(b.probabilities(x)), mixed, atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed, a.probabilities(x).detach() @ other.emb.weight.detach(), atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed, after, atol=1e-3)
+    with pytest.raises(TypeError):
+        a(x, context={"llm": other})
 
 
 def test_alignvlm_chunks_bound_the_vocab_matrix_and_match_unchunked():
@@ -293,14 +303,39 @@ def test_several_layers_without_fusion_fail_with_key_and_choices():
         assert choice in msg
     # one layer: no fusion needed, the plain connector comes back
     assert type(make("mlp", layer_dims=[32])).__name__ == "MLPConnector"
+    assert type(make("mlp")).__name__ == "MLPConnector"
+
+
+@pytest.mark.parametrize("layer_dims", [None, [32]])
+def test_fusion_with_a_single_layer_encoder_is_refused(layer_dims):
+    with pytest.raises(ConfigError, match="encoder gives one") as err:
+        make("mlp", layer_dims=layer_dims, fusion="concat")
+    assert err.value.path == "model.connectors.image.fusion"
+    assert "select_layers" in str(err.value)
+
+
+def test_declared_dimensions_must_match_with_key_path():
+    def declared(**dims):
+        return build_connector(Component(type="mlp", **dims), 32, 48, where="model.connectors.image")
+
+    assert declared(in_dim=32, out_dim=48).in_dim == 32  # matching declarations are fine
+    with pytest.raises(ConfigError, match=r"16 but the encoder produces 32: dimension mismatch") as err:
+        declared(in_dim=16)
+    assert err.value.path == "model.connectors.image.in_dim"
+    with pytest.raises(ConfigError, match=r"64 but the LLM's hidden size is 48: dimension mismatch") as err:
+        declared(out_dim=64)
+    assert err.value.path == "model.connectors.image.out_dim"
 
 
 # --------------------------------------------------------------------------------------- config errors
 def tiny_config(connector: dict, select_layers=None, patch=16, depth=2) -> dict:
     enc = {
-        "type": "timm", "model_name": "vit_tiny_patch16_224", "img_size": 64,
+        "type": "timm",
+        "model_name": "vit_tiny_patch16_224",
+        "img_size": 64,
         "kwargs": {"patch_size": patch, "embed_dim": 32, "depth": depth, "num_heads": 2},
-        "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
     }
     if select_layers:
         enc["select_layers"] = select_layers
@@ -309,10 +344,19 @@ def tiny_config(connector: dict, select_layers=None, patch=16, depth=2) -> dict:
         "model": {
             "encoders": {"image": enc},
             "connectors": {"image": connector},
-            "llm": {"type": "scratch",
-                    "config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
-                               "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128},
-                    "tokenizer": {"type": "word", "vocab_size": 64}},
+            "llm": {
+                "type": "scratch",
+                "config": {
+                    "model_type": "llama",
+                    "hidden_size": 64,
+                    "intermediate_size": 128,
+                    "num_hidden_layers": 1,
+                    "num_attention_heads": 4,
+                    "num_key_value_heads": 4,
+                    "max_position_embeddings": 128,
+                },
+                "tokenizer": {"type": "word", "vocab_size": 64},
+            },
         },
         "processor": {"max_length": 96},
     }
@@ -347,8 +391,14 @@ def test_bad_connector_options_name_the_key_path():
 
 
 # --------------------------------------------------------------------------------------- end to end
-TEXTS = ["what color is the big red circle ?", "the answer is red", "a small blue square and a green triangle",
-         "describe the image", "yes", "no"]
+TEXTS = [
+    "what color is the big red circle ?",
+    "the answer is red",
+    "a small blue square and a green triangle",
+    "describe the image",
+    "yes",
+    "no",
+]
 
 E2E = {
     "qformer": ({"type": "qformer", "num_queries": 4, "hidden": 32, "heads": 4, "cross_attention_freq": 1}, None, 4),
@@ -369,34 +419,44 @@ def _images(n):
 
 @pytest.mark.parametrize("case", list(E2E))
 def test_connector_end_to_end_train_save_load(case, tmp_path):
-    from mmlm.model import build as build_model, load
+    from mmlm.checkpoint import load
+    from mmlm.model import build as build_model
 
     conn, layers, n_tokens = E2E[case]
     cfg = parse_config(tiny_config(conn, select_layers=layers))
     model = build_model(cfg, texts=TEXTS)
     assert model.processor.media["image"].num_tokens == n_tokens
     convs = [
-        [{"role": "user", "content": "<image>\nwhat color is the big red circle ?"}, {"role": "assistant", "content": "red"}],
-        [{"role": "user", "content": "<image>\ndescribe the image"}, {"role": "assistant", "content": "a small blue square"}],
+        [
+            {"role": "user", "content": "<image>\nwhat color is the big red circle ?"},
+            {"role": "assistant", "content": "red"},
+        ],
+        [
+            {"role": "user", "content": "<image>\ndescribe the image"},
+            {"role": "assistant", "content": "a small blue square"},
+        ],
     ]
     batch = model.processor(convs, [{"image": [im]} for im in _images(2)], add_generation_prompt=False)
     assert int((batch["input_ids"] == -200).sum()) == 2 * n_tokens
     model.train()
     conn_params = dict(model.connectors["image"].named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    out = model(**batch)
+    inputs = model.inputs(batch)
+    assert set(inputs) == {"input_ids", "attention_mask", "position_ids", "pixel_values"}
+    out = model(**inputs, labels=batch["labels"])
     assert torch.isfinite(out.loss)
+    assert tuple(out.media_tokens["image"].shape) == (2, n_tokens, 64)  # the connector output, per image
     out.loss.backward()
     grads = {n: p.grad for n, p in conn_params.items() if p.grad is not None and bool(p.grad.abs().sum() > 0)}
     assert grads, f"{case}: no gradient reached the connector"
     opt.step()
     model.eval()
     with torch.no_grad():
-        before = model(**batch).logits
+        before = model(**inputs).logits
     model.save(tmp_path / "ck")
     again = load(tmp_path / "ck")
     with torch.no_grad():
-        after = again(**batch).logits
+        after = again(**again.inputs(batch)).logits
     assert torch.equal(before, after)
     answer = again.ask("describe the image", image=_images(1)[0], max_new_tokens=2)  # generation path too
     assert isinstance(answer, str)

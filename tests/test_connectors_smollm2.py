@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mmlm.config import Component
-from mmlm.connectors import build
+from mmlm.connectors import build_connector
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def frozen_llm(smollm2):
         p.requires_grad_(False)
     llm.eval()
     yield smollm2
-    for p, f in zip(llm.parameters(), flags):
+    for p, f in zip(llm.parameters(), flags, strict=False):
         p.requires_grad_(f)
         p.grad = None
 
@@ -28,7 +28,7 @@ def _forward_backward(loaded, conn, n_images=2, n_tokens=16, in_dim=32):
     llm, tok = loaded.model, loaded.tokenizer
     torch.manual_seed(0)
     feats = torch.randn(n_images, n_tokens, in_dim)
-    visual = conn(feats, context={"llm": llm})
+    visual = conn(feats)  # the LLM was bound when the connector was built
     D = llm.get_input_embeddings().weight.shape[1]
     assert visual.shape[0] == n_images and visual.shape[2] == D
     ids = torch.tensor([tok("Describe the picture: a red circle.", add_special_tokens=False)["input_ids"]] * n_images)
@@ -46,7 +46,7 @@ def test_alignvlm_on_smollm2_forward_backward(frozen_llm):
     E = llm.get_input_embeddings().weight
     V, D = E.shape
     assert V > 49_000 and D == 576
-    conn = build(Component(type="alignvlm", chunk_tokens=8), 32, D, llm=llm)
+    conn = build_connector(Component(type="alignvlm", chunk_tokens=8), 32, D, llm=llm)
     # W2 is a copy of the output head (tied to E in SmolLM2), E itself is not part of the connector
     assert conn.w2.weight.shape == (V, D) and torch.equal(conn.w2.weight, llm.get_output_embeddings().weight)
     assert all(t.data_ptr() != E.data_ptr() for t in conn.state_dict().values())
@@ -69,7 +69,7 @@ def test_ovis_on_smollm2_forward_backward(frozen_llm):
     llm = frozen_llm.model
     E = llm.get_input_embeddings().weight.detach().float()
     D = E.shape[1]
-    conn = build(Component(type="ovis", vocab_size=1024, init_from_llm=True), 32, D, llm=llm)
+    conn = build_connector(Component(type="ovis", vocab_size=1024, init_from_llm=True), 32, D, llm=llm)
     w = conn.vte.weight.detach()
     assert abs(float(w.mean()) - float(E.mean())) < 0.1 * float(E.std())
     assert abs(float(w.std()) - float(E.std())) < 0.05 * float(E.std())

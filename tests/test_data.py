@@ -5,9 +5,9 @@ import pytest
 from mmlm.data.dataset import StageDataset
 from mmlm.data.records import resolve_image
 from mmlm.data.shapes import QUESTION_TYPES, generate
-from mmlm.data.sources import read_llava
+from mmlm.data.sources import LlavaOptions, read_llava
+from mmlm.errors import SampleError
 from mmlm.model import build
-from mmlm.processor import SampleError
 from tests.helpers import TEXTS, tiny_config
 
 
@@ -72,7 +72,7 @@ def test_image_path_escaping_root_is_refused(tmp_path):
 def _llava(tmp_path, rows):
     f = tmp_path / "d.json"
     f.write_text(json.dumps(rows))
-    return read_llava({"path": str(f), "image_root": str(tmp_path / "img")})
+    return read_llava(LlavaOptions(path=str(f), image_root=str(tmp_path / "img")))
 
 
 def test_bad_samples_error_names_index_or_are_skipped_and_counted(tmp_path):
@@ -82,8 +82,20 @@ def test_bad_samples_error_names_index_or_are_skipped_and_counted(tmp_path):
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "img" / "ok.png")
     (tmp_path / "img" / "corrupt.png").write_bytes(b"not a png")
     (tmp_path / "outside.png").write_bytes(b"x")
-    conv = lambda img: {"image": img, "conversations": [{"from": "human", "value": "<image>\nwhat color is the circle?"}, {"from": "gpt", "value": "red"}]}
-    long = {"image": "ok.png", "conversations": [{"from": "human", "value": "<image>\n" + "red " * 200}, {"from": "gpt", "value": "red"}]}
+
+    def conv(img):
+        return {
+            "image": img,
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat color is the circle?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        }
+
+    long = {
+        "image": "ok.png",
+        "conversations": [{"from": "human", "value": "<image>\n" + "red " * 200}, {"from": "gpt", "value": "red"}],
+    }
     recs = _llava(tmp_path, [conv("ok.png"), conv("missing.png"), conv("../outside.png"), long, conv("ok.png")])
     model = build(tiny_config(), texts=TEXTS)
     with pytest.raises(SampleError) as e:

@@ -9,18 +9,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mmlm.config import ConfigError, _validate_options  # noqa: E402
+from mmlm.config import Component, parse_config  # noqa: E402
+from mmlm.errors import ConfigError  # noqa: E402
 from mmlm.registry import ENCODERS  # noqa: E402
-from tests.helpers import run_without_open_clip  # noqa: E402
+from tests.helpers import run_without_open_clip, tiny_raw  # noqa: E402
 
 MEAN = [0.1, 0.2, 0.3]
 STD = [0.4, 0.5, 0.6]
-TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
-                intermediate_size=64)
+TINY_VIT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, intermediate_size=64
+)
 
 
 def build(kind: str, **opts):
-    return ENCODERS.get(kind).builder(opts)
+    return ENCODERS.create(Component(type=kind, **opts), where="model.encoders.image")
 
 
 # ---------------------------------------------------------------------------------------------- hf
@@ -33,8 +35,9 @@ def clip_dir(tmp_path_factory):
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("clip_vision")
     CLIPVisionModel(CLIPVisionConfig(**TINY_VIT)).save_pretrained(d)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                       image_mean=MEAN, image_std=STD).save_pretrained(d)
+    CLIPImageProcessor(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=MEAN, image_std=STD
+    ).save_pretrained(d)
     return d
 
 
@@ -82,8 +85,16 @@ def test_hf_full_clip_model_uses_vision_tower(tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
-    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=64,
-                bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     full = CLIPModel(CLIPConfig(vision_config=TINY_VIT, text_config=text, projection_dim=16)).eval()
     full.save_pretrained(tmp_path)
     enc = build("hf", path=str(tmp_path)).eval()
@@ -117,23 +128,30 @@ def test_hf_layer_out_of_range_names_the_option(clip_dir):
         build("hf", path=str(clip_dir), select_layers=[5])
 
 
-@pytest.mark.parametrize("opts", [
-    {"path": "some/model", "config": {"model_type": "clip_vision_model"}},
-    {},
-])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"path": "some/model", "config": {"model_type": "clip_vision_model"}},
+        {},
+    ],
+)
 def test_hf_needs_exactly_one_of_path_and_config(opts):
     with pytest.raises(ValueError, match="exactly one of 'path'.*'config'"):
         build("hf", **opts)
 
 
 def test_hf_bad_options_fail_config_validation_with_key_path():
-    from mmlm.config import Component
-
-    comp = Component(type="hf", path="a", config={"model_type": "clip_vision_model"})
-    with pytest.raises(ConfigError, match=r"model\.encoders\.image: .*exactly one of 'path'"):
-        _validate_options(ENCODERS, comp, "model.encoders.image")
+    both = {"path": "a", "config": {"model_type": "clip_vision_model"}}
+    with pytest.raises(ConfigError, match=r"model\.encoders\.image: .*exactly one of 'path'") as err:
+        ENCODERS.parse("hf", both, "model.encoders.image")
+    assert err.value.path == "model.encoders.image"
     with pytest.raises(ConfigError, match="model_type"):
-        _validate_options(ENCODERS, Component(type="hf", config={"hidden_size": 32}), "model.encoders.image")
+        ENCODERS.parse("hf", {"config": {"hidden_size": 32}}, "model.encoders.image")
+    # the same check runs when a whole pipeline config is parsed, before anything is built
+    raw = tiny_raw()
+    raw["model"]["encoders"]["image"] = {"type": "hf", **both}
+    with pytest.raises(ConfigError, match=r"model\.encoders\.image: .*exactly one of 'path'"):
+        parse_config(raw)
 
 
 # ----------------------------------------------------------------------------------------- open_clip
@@ -201,8 +219,9 @@ def test_open_clip_weights_are_deterministic_and_matter(clip_weights):
 
 
 def test_open_clip_multi_layer_order(clip_weights):
-    enc = build("open_clip", model_name=NAME, model_config=TINY_CLIP, weights=str(clip_weights),
-                select_layers=[-1, -2]).eval()
+    enc = build(
+        "open_clip", model_name=NAME, model_config=TINY_CLIP, weights=str(clip_weights), select_layers=[-1, -2]
+    ).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         got = enc(x)
@@ -228,7 +247,7 @@ def test_open_clip_module_imports_without_open_clip():
         "from mmlm.registry import ENCODERS\n"
         "entry = ENCODERS.get('open_clip')\n"
         "try:\n"
-        "    entry.builder({'model_name': 'ViT-B-32'})\n"
+        "    entry.target(ENCODERS.parse('open_clip', {'model_name': 'ViT-B-32'}, 'model.encoders.image'))\n"
         "except ImportError as err:\n"
         "    print('ERR', err)\n"
     )

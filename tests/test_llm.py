@@ -4,9 +4,10 @@ word-level or BPE tokenizer fitted on the training text; the HF datasets reader.
 import pytest
 import torch
 
+from mmlm.checkpoint import load
 from mmlm.config import parse_config
-from mmlm.llm import TokenizerSpec, load_hf, load_scratch, train_tokenizer
-from mmlm.model import build, load
+from mmlm.llm import HFOptions, ScratchOptions, TokenizerSpec, load_hf, load_scratch, train_tokenizer
+from mmlm.model import build
 from tests.helpers import TEXTS, TINY_LLM, tiny_raw
 
 
@@ -21,10 +22,12 @@ def test_bpe_and_word_tokenizers_roundtrip_training_text():
 
 
 def test_local_hf_folder_loads_the_same_weights(tmp_path):
-    loaded = load_scratch({"config": TINY_LLM["config"], "tokenizer": {"type": "bpe", "vocab_size": 300}}, texts=TEXTS)
+    loaded = load_scratch(
+        ScratchOptions(config=TINY_LLM["config"], tokenizer={"type": "bpe", "vocab_size": 300}), texts=TEXTS
+    )
     loaded.model.save_pretrained(tmp_path / "llm")
     loaded.tokenizer.save_pretrained(tmp_path / "llm")
-    again = load_hf({"path": str(tmp_path / "llm"), "attn_implementation": "eager"})
+    again = load_hf(HFOptions(path=str(tmp_path / "llm"), attn_implementation="eager"))
     ids = torch.tensor([[1, 5, 7, 9]])
     with torch.no_grad():
         # sdpa (saved) vs eager (loaded): same weights, attention computed two ways
@@ -48,7 +51,7 @@ def test_local_hf_folder_loads_the_same_weights(tmp_path):
 
 def test_scratch_llm_needs_text_or_a_saved_tokenizer():
     with pytest.raises(ValueError, match="fits its tokenizer on the training text"):
-        load_scratch({"config": TINY_LLM["config"]})
+        load_scratch(ScratchOptions(config=TINY_LLM["config"]))
 
 
 def test_hf_datasets_reader(tmp_path):
@@ -56,17 +59,19 @@ def test_hf_datasets_reader(tmp_path):
     from PIL import Image
 
     from mmlm.data.dataset import StageDataset
-    from mmlm.data.sources import read_hf
+    from mmlm.data.sources import HFOptions, read_hf
 
-    ds = datasets.Dataset.from_dict({
-        "image": [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))],
-        "conversations": [
-            [{"from": "human", "value": "<image>\nwhat color is the circle?"}, {"from": "gpt", "value": "red"}],
-            [{"from": "human", "value": "what color is the circle?"}, {"from": "gpt", "value": "blue"}],
-        ],
-    })
+    ds = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (32, 32), (255, 0, 0)), Image.new("RGB", (32, 32), (0, 0, 255))],
+            "conversations": [
+                [{"from": "human", "value": "<image>\nwhat color is the circle?"}, {"from": "gpt", "value": "red"}],
+                [{"from": "human", "value": "what color is the circle?"}, {"from": "gpt", "value": "blue"}],
+            ],
+        }
+    )
     ds.save_to_disk(str(tmp_path / "ds"))
-    recs = read_hf({"path": str(tmp_path / "ds")})
+    recs = read_hf(HFOptions(path=str(tmp_path / "ds")))
     assert len(recs) == 2
     assert recs[1].messages[0]["content"].startswith("<image>")  # LLaVA convention: placeholder added
     model = build(parse_config(tiny_raw()), texts=TEXTS)

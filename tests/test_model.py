@@ -2,7 +2,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmlm.model import PlaceholderMismatch, build, load
+from mmlm.checkpoint import load
+from mmlm.errors import PlaceholderMismatch
+from mmlm.model import build
 from tests.helpers import TEXTS, tiny_config
 
 
@@ -14,8 +16,10 @@ def model():
 
 def _batch(model, n=2):
     imgs = [Image.new("RGB", (32, 32), c) for c in [(255, 0, 0), (0, 0, 255)][:n]]
-    convs = [[{"role": "user", "content": "<image>\nwhat color is the circle?"}, {"role": "assistant", "content": "red"}]] * n
-    enc = [model.processor.encode(c, {"image": [im]}) for c, im in zip(convs, imgs)]
+    convs = [
+        [{"role": "user", "content": "<image>\nwhat color is the circle?"}, {"role": "assistant", "content": "red"}]
+    ] * n
+    enc = [model.processor.encode(c, {"image": [im]}) for c, im in zip(convs, imgs, strict=False)]
     return model.processor.collate(enc)
 
 
@@ -23,8 +27,8 @@ def test_forward_returns_loss_and_placeholders_take_connector_output(model):
     batch = _batch(model)
     out = model(**batch)
     assert out.loss is not None and torch.isfinite(out.loss)
-    emb, _ = model.embed_inputs(batch["input_ids"], {"image": batch["image_values"]})
-    feats = model.connectors["image"](model.encoders["image"](batch["image_values"]))
+    emb, _ = model.embed_inputs(batch["input_ids"], batch)
+    feats = model.connectors["image"](model.encoders["image"](batch["pixel_values"]))
     mask = batch["input_ids"] == -200
     assert torch.equal(emb[mask].reshape(feats.shape), feats)
     # text positions hold the LLM's own embeddings
@@ -35,7 +39,7 @@ def test_forward_returns_loss_and_placeholders_take_connector_output(model):
 def test_placeholder_feature_count_mismatch_names_both_counts(model):
     batch = _batch(model, 2)
     with pytest.raises(PlaceholderMismatch) as e:
-        model(**{**batch, "image_values": batch["image_values"][:1]})
+        model(**{**batch, "pixel_values": batch["pixel_values"][:1]})
     n = model.processor.media["image"].num_tokens
     assert f"{n} feature vectors" in str(e.value) and f"{2 * n} placeholder positions" in str(e.value)
 
@@ -69,7 +73,7 @@ def test_generate_greedy_matches_forward_argmax_and_streams(model):
     stops = model.processor.stop_token_ids()
     for _ in range(4):
         with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask, image_values=batch["image_values"]).logits
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"]).logits
         nxt = int(logits[0, -1].argmax())
         if nxt in stops:
             break
@@ -116,18 +120,19 @@ def test_media_position_embedding_is_added_after_the_connector():
     assert tuple(m.media_pos["image"].shape) == (n, m.llm.config.hidden_size)
     assert "media_pos.image" in m.state_dict()
     batch = _batch(m)
-    feats = m.connectors["image"](m.encoders["image"](batch["image_values"]))
+    feats = m.connectors["image"](m.encoders["image"](batch["pixel_values"]))
     mask = batch["input_ids"] == -200
-    emb, _ = m.embed_inputs(batch["input_ids"], {"image": batch["image_values"]})
+    emb, _ = m.embed_inputs(batch["input_ids"], batch)
     assert torch.equal(emb[mask].reshape(feats.shape), feats)  # zero at init
     with torch.no_grad():
         m.media_pos["image"].copy_(torch.arange(n, dtype=torch.float32)[:, None].expand(n, m.llm.config.hidden_size))
-    emb, _ = m.embed_inputs(batch["input_ids"], {"image": batch["image_values"]})
+    emb, _ = m.embed_inputs(batch["input_ids"], batch)
     assert torch.allclose(emb[mask].reshape(feats.shape) - feats, m.media_pos["image"].expand_as(feats))
 
 
 def test_media_position_for_a_missing_encoder_is_a_config_error():
-    from mmlm.config import ConfigError, parse_config
+    from mmlm.config import parse_config
+    from mmlm.errors import ConfigError
     from tests.helpers import tiny_raw
 
     raw = tiny_raw()

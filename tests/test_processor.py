@@ -3,8 +3,9 @@ import torch
 from PIL import Image
 
 from mmlm.config import ProcessorConfig
+from mmlm.errors import SampleError, SampleTooLong
 from mmlm.llm import TokenizerSpec, train_tokenizer
-from mmlm.processor import IGNORE_INDEX, MediaSpec, Processor, SampleError, SampleTooLong
+from mmlm.processor import IGNORE_INDEX, MediaSpec, Processor
 from tests.helpers import TEXTS
 
 N_IMG = 5
@@ -16,7 +17,7 @@ def tok():
 
 
 def make(tok, **cfg):
-    spec = MediaSpec("<image>", -200, N_IMG, lambda im: torch.zeros(3, 4, 4))
+    spec = MediaSpec.of("image", N_IMG, lambda im: torch.zeros(3, 4, 4))
     return Processor(tok, {"image": spec}, ProcessorConfig(**cfg))
 
 
@@ -34,7 +35,12 @@ def test_labels_supervise_exactly_the_assistant_tokens(tok):
     sup = [i for i, lab in enumerate(enc.labels) if lab != IGNORE_INDEX]
     supervised_ids = [enc.input_ids[i] for i in sup]
     end = tok.convert_tokens_to_ids("<|end|>")
-    expected = tok("red", add_special_tokens=False)["input_ids"] + [end] + tok("circle", add_special_tokens=False)["input_ids"] + [end]
+    expected = (
+        tok("red", add_special_tokens=False)["input_ids"]
+        + [end]
+        + tok("circle", add_special_tokens=False)["input_ids"]
+        + [end]
+    )
     assert supervised_ids == expected
     for i in sup:  # labels equal the ids where supervised
         assert enc.labels[i] == enc.input_ids[i]

@@ -1,14 +1,28 @@
-"""SEA with labels from the data: the loss and the inference path (ALGORITHMS.md, SEA)."""
+"""SEA as a training objective with labels from the data: the loss, what the objective reads from a
+real shapes-world batch, and that the model (connector, forward, state) is untouched by it."""
 
+import contextlib
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from mmlm.config import Component, parse_config
-from mmlm.connectors import build
-from mmlm.connectors.sea import sea_loss
+from mmlm.config import parse_config
+from mmlm.data.dataset import StageDataset
+from mmlm.data.sources import read_source
+from mmlm.errors import ConfigError
 from mmlm.model import build as build_model
-from tests.helpers import TEXTS, tiny_raw
+from mmlm.objectives import StepInfo, build_objectives
+from mmlm.objectives.sea import SEAObjective, sea_loss
+from mmlm.registry import OBJECTIVES
+from mmlm.train.runner import Trainer
+from mmlm.train.seeds import derive_seed
+from tests.helpers import tiny_raw
+
+WHERE = "train.stages.0.objectives.1"  # where _raw puts the sea objective
 
 
 def _orthonormal(k, d, seed=0):
@@ -20,7 +34,7 @@ def _orthonormal(k, d, seed=0):
 def test_sea_loss_is_lowest_at_the_label_embeddings():
     words = ["red circle", "blue square", "green triangle", "background"]
     E = _orthonormal(len(words), 16)
-    emb = dict(zip(words, E))
+    emb = dict(zip(words, E, strict=True))
     labels = [["red circle", "background", "blue square"], ["green triangle", "background", "red circle"]]
     targets = torch.stack([torch.stack([emb[w] for w in row]) for row in labels])
     tau = 0.1
@@ -31,48 +45,187 @@ def test_sea_loss_is_lowest_at_the_label_embeddings():
     assert abs(float(at_targets) - expected) < 1e-5
     g = torch.Generator().manual_seed(1)
     for _ in range(20):
-        assert float(sea_loss(torch.randn(targets.shape, generator=g), labels, emb.__getitem__, tau)) > float(at_targets)
+        noise = torch.randn(targets.shape, generator=g)
+        assert float(sea_loss(noise, labels, emb.__getitem__, tau)) > float(at_targets)
     wrong = targets.roll(1, dims=1)  # every token given another token's embedding
     assert float(sea_loss(wrong, labels, emb.__getitem__, tau)) > float(at_targets) + 1.0
 
 
-def _sea_model():
-    raw = tiny_raw()
-    raw["model"]["connectors"]["image"] = {"type": "sea", "inner": {"type": "mlp", "depth": 2}, "weight": 1.0,
-                                           "stage_weights": {"vqa": 0.0}}
+# ------------------------------------------------------------------------------ a shapes-world model
+def _raw(data_path, connector=None, sea_stage=0, **sea):
+    """Tiny pipeline whose stage ``sea_stage`` lists [lm, sea]; the other stage keeps the default [lm]."""
+    raw = tiny_raw(str(data_path), n=8, steps=1)
+    if connector is not None:
+        raw["model"]["connectors"]["image"] = connector
+    raw["train"]["stages"][sea_stage]["objectives"] = [
+        {"type": "lm"},
+        {"type": "sea", "weight": 0.5, "temperature": 0.1, **sea},
+    ]
+    return raw
+
+
+def _model(cfg, texts):
     torch.manual_seed(0)
-    return build_model(parse_config(raw), texts=TEXTS + ["background"])
+    return build_model(cfg, texts=texts)
 
 
-def test_inference_output_is_the_wrapped_connector_s():
-    sea = build(Component(type="sea", inner={"type": "mlp", "depth": 2}), 32, 64)
-    mlp = build(Component(type="mlp", depth=2), 32, 64)
-    mlp.load_state_dict({k.removeprefix("inner."): v for k, v in sea.state_dict().items()})
-    feats = torch.randn(2, 16, 32)
-    labels = [{"4": ["red circle"] * 16}] * 2
-    sea.eval()
-    assert torch.equal(sea(feats, context={"meta": {"patch_labels": labels}, "training": False}), mlp(feats))
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny model, its stage config with [lm, sea], and a collated captions batch (3 images)."""
+    data = tmp_path_factory.mktemp("shapes")
+    cfg = parse_config(_raw(data))
+    st = cfg.train.stages[0]
+    recs = read_source(st.data[0], "train.stages.0.data.0")
+    texts = [t for r in recs for t in r.texts()]  # captions and every patch label word
+    model = _model(cfg, texts)
+    ds = StageDataset(recs, model.processor, "error")
+    samples = [ds.load(i) for i in range(3)]
+    return SimpleNamespace(
+        data=data,
+        cfg=cfg,
+        st=st,
+        recs=recs,
+        texts=texts,
+        model=model,
+        ds=ds,
+        samples=samples,
+        batch=model.processor.collate(samples),
+    )
 
 
-def test_sea_adds_a_loss_in_training_and_leaves_logits_unchanged():
-    model = _sea_model()
-    img = torch.zeros(2, 3, 32, 32)
-    enc = [model.processor.encode([{"role": "user", "content": "<image>\nwhat color is the circle?"},
-                                   {"role": "assistant", "content": "red"}], {"image": [img[0]]},
-                                  meta={"patch_labels": [{"4": ["red circle"] * 8 + ["background"] * 8}]})
-           for _ in range(2)]
-    batch = model.processor.collate(enc)
+def _step(position=0, stage="align"):
+    return StepInfo(stage, position, lambda purpose: derive_seed(0, stage, position, purpose))
+
+
+def test_objective_gives_the_infonce_of_the_tokens_and_their_data_labels(world):
+    model, batch = world.model, world.batch
     model.train()
-    model.current_stage = "align"
-    out_on = model(**batch)
-    assert "image.sea" in out_on.aux_losses and float(out_on.aux_losses["image.sea"].detach()) > 0
-    assert torch.allclose(out_on.loss, out_on.lm_loss + out_on.aux_losses["image.sea"])
-    out_on.loss.backward()
-    assert model.connectors["image"].inner.net[0].weight.grad.abs().sum() > 0
-    model.current_stage = "vqa"  # stage weight 0: no loss
-    assert "image.sea" not in model(**batch).aux_losses
-    # identical logits with SEA active or not
-    assert torch.equal(out_on.logits, model(**batch).logits)
-    model.eval()
-    with torch.no_grad():
-        assert model(**batch).aux_losses == {}
+    sea = build_objectives(world.st, model, "train.stages.0")[1]
+    assert isinstance(sea, SEAObjective)
+    out = model(**model.inputs(batch))
+    losses = sea(out, batch, _step())
+    assert set(losses) == {"sea"}
+    loss = losses["sea"].detach()
+    assert loss.ndim == 0 and torch.isfinite(loss) and float(loss) > 0
+    # by hand: the 4x4 grid labels of each image (16 tokens per image), each label embedded as the
+    # mean of its sub-word embeddings in the LLM's table, InfoNCE over the batch's distinct labels
+    tokens = out.media_tokens["image"]
+    assert tokens.shape == (3, 16, 64)
+    labels = [lab["4"] for lab in batch["media_meta"]["patch_labels"]]
+    uniq = sorted({w for row in labels for w in row})
+    assert len(uniq) > 2  # several objects and the background: the labels tell tokens apart
+    table = model.llm.get_input_embeddings().weight.detach()
+    targets = torch.stack([table[model.tokenizer(w, add_special_tokens=False)["input_ids"]].mean(0) for w in uniq])
+    logits = F.normalize(tokens.detach().reshape(-1, 64), dim=-1) @ F.normalize(targets, dim=-1).T / 0.1
+    y = torch.tensor([uniq.index(w) for row in labels for w in row])
+    torch.testing.assert_close(loss, F.cross_entropy(logits, y), atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_reaches_the_connector_and_only_with_target_grad_the_word_embeddings(world):
+    model, batch = world.model, world.batch
+    model.train()
+    sea = build_objectives(world.st, model, "train.stages.0")[1]
+    model.zero_grad(set_to_none=True)
+    sea(model(**model.inputs(batch)), batch, _step())["sea"].backward()
+    grads = [p.grad for p in model.connectors["image"].parameters()]
+    assert grads and all(g is not None for g in grads) and sum(float(g.abs().sum()) for g in grads) > 0
+    assert model.llm.get_input_embeddings().weight.grad is None  # the targets are detached by default
+    assert all(p.grad is None for p in model.llm.parameters())  # the loss never goes through the LLM
+    # target_grad: the loss also moves the word embeddings of the labels (and only those rows)
+    model.zero_grad(set_to_none=True)
+    opts = OBJECTIVES.parse("sea", {"temperature": 0.1, "target_grad": True}, WHERE)
+    SEAObjective(opts, model, WHERE)(model(**model.inputs(batch)), batch, _step())["sea"].backward()
+    g = model.llm.get_input_embeddings().weight.grad
+    assert g is not None
+    words = {w for lab in batch["media_meta"]["patch_labels"] for w in lab["4"]}
+    rows = {i for w in words for i in model.tokenizer(w, add_special_tokens=False)["input_ids"]}
+    touched = set(torch.nonzero(g.abs().sum(-1)).flatten().tolist())
+    assert touched == rows
+    model.zero_grad(set_to_none=True)
+
+
+def test_objective_leaves_the_model_alone_and_adds_to_the_lm_loss(world, tmp_path):
+    model, batch = world.model, world.batch
+    model.train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    before = model(**model.inputs(batch))
+    objectives = build_objectives(world.st, model, "train.stages.0")
+    assert [type(o).__name__ for o in objectives] == ["LMObjective", "SEAObjective"]
+    assert not any(isinstance(o, nn.Module) for o in objectives)
+    # a model built from the same config without the objective is the same model
+    raw_lm = _raw(world.data)
+    raw_lm["train"]["stages"][0].pop("objectives")
+    plain = _model(parse_config(raw_lm), world.texts)
+    assert list(plain.state_dict()) == list(state)
+    assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items())
+    # the trainer's losses of the stage with [lm, sea] and of the stage with [lm] alone
+    trainer = Trainer(world.cfg, tmp_path / "run")
+
+    def run_of(idx):
+        st = world.cfg.train.stages[idx]
+        return SimpleNamespace(
+            st=st,
+            where=f"train.stages.{idx}",
+            model=model,
+            pmodel=model,
+            objectives=build_objectives(st, model, f"train.stages.{idx}"),
+            accelerator=SimpleNamespace(autocast=contextlib.nullcontext),
+        )
+
+    with_sea = trainer._losses(run_of(0), {**batch, "_position": 0})
+    lm_only = trainer._losses(run_of(1), {**batch, "_position": 0})
+    assert set(with_sea) == {"lm", "sea"} and set(lm_only) == {"lm"}
+    assert torch.equal(with_sea["lm"], lm_only["lm"])  # same forward, same logits
+    raw_sea = objectives[1](before, batch, _step())["sea"]
+    torch.testing.assert_close(with_sea["sea"], 0.5 * raw_sea)  # the stage's weight: 0.5
+    assert float(sum(with_sea.values()).detach()) > float(sum(lm_only.values()).detach()) + 1e-3
+    # building and calling objectives changed no weight, added no parameter, and the forward is the same
+    after = model(**model.inputs(batch))
+    assert torch.equal(after.logits, before.logits)
+    assert torch.equal(after.media_tokens["image"], before.media_tokens["image"])
+    assert list(model.state_dict()) == list(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_a_connector_without_a_square_grid_of_tokens_is_refused_at_build(world):
+    raw = _raw(world.data, connector={"type": "ovis", "vocab_size": 64}, sea_stage=1)
+    cfg = parse_config(raw)  # the options are fine: only the built model shows the token count
+    model = _model(cfg, world.texts)
+    assert model.processor.media["image"].num_tokens == 18  # 16 patches + begin + end
+    assert len(build_objectives(cfg.train.stages[0], model, "train.stages.0")) == 1  # [lm]: fine
+    with pytest.raises(ConfigError, match=r"'ovis' connector gives 18 tokens") as err:
+        build_objectives(cfg.train.stages[1], model, "train.stages.1")
+    assert err.value.path == "train.stages.1.objectives.1.type"
+    # a modality the model has no encoder for is refused the same way
+    opts = OBJECTIVES.parse("sea", {"modality": "audio"}, WHERE)
+    with pytest.raises(ConfigError) as err:
+        SEAObjective(opts, world.model, WHERE)
+    assert err.value.path == f"{WHERE}.modality"
+
+
+def test_items_without_patch_labels_are_a_clear_error(world):
+    model, ds = world.model, world.ds
+    model.train()
+    sea = build_objectives(world.st, model, "train.stages.0")[1]
+    proc = model.processor
+    rec = world.recs[0]
+    unlabelled = proc.encode(rec.messages, {"image": ds.images(0)})  # no meta: no patch_labels
+
+    def call(samples):
+        batch = proc.collate(samples)
+        return sea(model(**model.inputs(batch)), batch, _step())
+
+    none_carry = rf"{WHERE} \(sea\): 0 of the batch's 2 image items carry media_meta\.patch_labels"
+    with pytest.raises(ValueError, match=none_carry):
+        call([unlabelled, unlabelled])
+    with pytest.raises(ValueError, match=rf"{WHERE} \(sea\): 2 of the batch's 3 image items carry"):
+        call([world.samples[0], unlabelled, world.samples[1]])
+    # labels at other grids only: named, with the grids the data has
+    only_2x2 = proc.encode(rec.messages, {"image": ds.images(0)}, meta={"patch_labels": [{"2": ["red circle"] * 4}]})
+    with pytest.raises(ValueError, match=rf"{WHERE} \(sea\): item 0 has no patch_labels for 16 tokens .*\['2'\]"):
+        call([only_2x2])
+    # a micro-batch without images gives the objective nothing to do (and is no error)
+    text_only = proc.encode([{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "red"}])
+    assert call([text_only]) == {}

@@ -16,22 +16,42 @@ def pipeline(smollm2_path, smollm2, tmp_path_factory):
     raw = {
         "name": "smol-vlm",
         "model": {
-            "encoders": {"image": {"type": "timm", "model_name": "vit_tiny_patch16_224", "img_size": 32,
-                                   "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2}}},
+            "encoders": {
+                "image": {
+                    "type": "timm",
+                    "model_name": "vit_tiny_patch16_224",
+                    "img_size": 32,
+                    "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2},
+                }
+            },
             "connectors": {"image": {"type": "mlp", "depth": 2}},
             "llm": {"type": "gguf", "path": str(smollm2_path), "attn_implementation": "sdpa"},
         },
         "processor": {"max_length": 128, "system_prompt": "You describe images."},
-        "train": {"seed": 0, "stages": [{
-            "name": "align",
-            "data": [{"format": "shapes", "path": str(data), "n": 48, "seed": 4, "image_size": 32, "task": "captions"}],
-            "trainable": ["connectors.*"],
-            "lr": 2e-3,
-            "steps": 20,
-            "batch_size": 2,
-            "warmup_steps": 2,
-            "save_every": 100,
-        }]},
+        "train": {
+            "seed": 0,
+            "stages": [
+                {
+                    "name": "align",
+                    "data": [
+                        {
+                            "format": "shapes",
+                            "path": str(data),
+                            "n": 48,
+                            "seed": 4,
+                            "image_size": 32,
+                            "task": "captions",
+                        }
+                    ],
+                    "trainable": ["connectors.*"],
+                    "lr": 2e-3,
+                    "steps": 20,
+                    "batch_size": 2,
+                    "warmup_steps": 2,
+                    "save_every": 100,
+                }
+            ],
+        },
     }
     cfg = parse_config(raw)
     torch.manual_seed(0)
@@ -48,7 +68,7 @@ def test_processor_uses_the_models_own_chat_template(pipeline):
     rendered = model.tokenizer.apply_chat_template(system + msgs, tokenize=False)
     assert "<|im_start|>" in rendered
     assert model.tokenizer.decode(enc.input_ids) == rendered
-    supervised = [t for t, lab in zip(enc.input_ids, enc.labels) if lab != -100]
+    supervised = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab != -100]
     assert model.tokenizer.decode(supervised).startswith("red<|im_end|>")
 
 
@@ -61,7 +81,7 @@ def test_twenty_step_alignment_lowers_the_loss(pipeline, tmp_path):
     def mean_loss():
         model.eval()
         with torch.no_grad():
-            return sum(float(model(**b).loss) for b in batches) / len(batches)
+            return sum(float(model(**model.inputs(b), labels=b["labels"]).loss) for b in batches) / len(batches)
 
     llm_before = model.llm.model.layers[0].mlp.up_proj.weight.clone()
     before = mean_loss()

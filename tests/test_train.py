@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmlm.model import load
-from mmlm.train.runner import RunExists, TrainingInterrupted, train
+from mmlm.checkpoint import load
+from mmlm.errors import RunExists, TrainingInterrupted
+from mmlm.train.runner import train
 from tests.helpers import tiny_config
 
 

@@ -65,8 +65,14 @@ class LLMRef:
         return self
 
 
-def build_connector(component, in_dim: int, out_dim: int, llm: nn.Module | None = None,
-                    where: str = "model.connectors", layer_dims: list[int] | None = None) -> Connector:
+def build_connector(
+    component,
+    in_dim: int,
+    out_dim: int,
+    llm: nn.Module | None = None,
+    where: str = "model.connectors",
+    layer_dims: list[int] | None = None,
+) -> Connector:
     """Build a connector from its config entry (``type`` plus options).
 
     ``layer_dims`` gives the width of each encoder layer when the encoder returns several (its

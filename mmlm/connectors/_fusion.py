@@ -42,7 +42,10 @@ class Fusion(nn.Module):
             raise ValueError(f"{type(self).__name__}: expected {self.num_layers} encoder layers, got {len(layers)}")
         dims = [int(x.shape[-1]) for x in layers]
         if dims != self.layer_dims:
-            raise ValueError(f"{type(self).__name__}: encoder layer widths {dims} differ from the widths it was built for {self.layer_dims}")
+            raise ValueError(
+                f"{type(self).__name__}: encoder layer widths {dims} differ from the widths it was built for "
+                f"{self.layer_dims}"
+            )
         if same_tokens:
             ns = [int(x.shape[1]) for x in layers]
             if len(set(ns)) > 1:
@@ -66,7 +69,10 @@ class ScalarMix(Fusion):
     def __init__(self, layer_dims: list[int], where: str = "fusion"):
         super().__init__(layer_dims)
         if len(set(layer_dims)) > 1:
-            raise ConfigError(f"scalar_mix needs layers of equal width, but they have widths {layer_dims}; use concat or gated_xattn", where)
+            raise ConfigError(
+                f"scalar_mix needs layers of equal width, but they have widths {layer_dims}; use concat or gated_xattn",
+                where,
+            )
         self.out_dim = layer_dims[0]
         self.weights = nn.Parameter(torch.zeros(len(layer_dims)))
         self.gamma = nn.Parameter(torch.ones(()))
@@ -88,9 +94,7 @@ class GatedCrossAttentionFusion(Fusion):
         super().__init__(layer_dims)
         d = layer_dims[0]
         self.out_dim = d
-        self.proj = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm(k), nn.Linear(k, d)) for k in layer_dims[1:]
-        )
+        self.proj = nn.ModuleList(nn.Sequential(nn.LayerNorm(k), nn.Linear(k, d)) for k in layer_dims[1:])
         self.norm_q = nn.LayerNorm(d)
         self.norm_kv = nn.LayerNorm(d)
         self.attn = nn.MultiheadAttention(d, _heads_for(d), batch_first=True)
@@ -99,7 +103,7 @@ class GatedCrossAttentionFusion(Fusion):
     def forward(self, layers: list[torch.Tensor]) -> torch.Tensor:
         self._check(layers, same_tokens=False)
         deep = layers[0]
-        others = torch.cat([p(h) for p, h in zip(self.proj, layers[1:])], dim=1)
+        others = torch.cat([p(h) for p, h in zip(self.proj, layers[1:], strict=False)], dim=1)
         q = self.norm_q(deep)
         kv = self.norm_kv(others)
         fused, _ = self.attn(q, kv, kv, need_weights=False)

@@ -34,4 +34,6 @@ class LatentAttentionOptions(ConnectorOptions):
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: float, dropout: float = 0.0):
         inner = max(1, int(dim * mult))
-        super().__init__(nn.LayerNorm(dim), nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim))
+        super().__init__(
+            nn.LayerNorm(dim), nn.Linear(dim, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, dim)
+        )

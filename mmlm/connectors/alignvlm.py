@@ -27,12 +27,18 @@ class AlignVLMOptions(ConnectorOptions):
     checkpoint_chunks: bool = True  # recompute each chunk in backward instead of keeping its [chunk, V] activations
 
 
-@CONNECTORS.register("alignvlm", options=AlignVLMOptions, summary="AlignVLM: softmax over the LLM vocabulary, mix of its input embeddings")
+@CONNECTORS.register(
+    "alignvlm",
+    options=AlignVLMOptions,
+    summary="AlignVLM: softmax over the LLM vocabulary, mix of its input embeddings",
+)
 class AlignVLMConnector(Connector):
     def __init__(self, opts: AlignVLMOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         if llm is None:
-            raise ValueError("alignvlm needs the LLM: its output head initialises W2 and its input embeddings are mixed")
+            raise ValueError(
+                "alignvlm needs the LLM: its output head initialises W2 and its input embeddings are mixed"
+            )
         head = llm.get_output_embeddings()
         emb = llm.get_input_embeddings()
         if head is None or emb is None:
@@ -80,10 +86,9 @@ class AlignVLMConnector(Connector):
         grad = torch.is_grad_enabled() and (f1.requires_grad or E.requires_grad)
         outs = []
         for start in range(0, B * N, self.opts.chunk_tokens):
-            part = f1[start:start + self.opts.chunk_tokens]
+            part = f1[start : start + self.opts.chunk_tokens]
             if grad and self.opts.checkpoint_chunks:
                 outs.append(checkpoint(self._chunk, part, E, use_reentrant=False))
             else:
                 outs.append(self._chunk(part, E))
         return torch.cat(outs, 0).reshape(B, N, -1)
-

@@ -35,4 +35,3 @@ class MLPConnector(Connector):
 
     def forward(self, feats):
         return self.net(feats)
-

@@ -66,4 +66,3 @@ class OvisConnector(Connector):
         probs = torch.cat([ind[:, :1], probs, ind[:, 1:]], dim=1)
         table = self.vte.weight
         return probs.to(table.dtype) @ table
-

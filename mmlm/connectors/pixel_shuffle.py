@@ -34,7 +34,8 @@ def grid_side(num_tokens: int, scale: int) -> int:
     if side % scale:
         raise ValueError(
             f"pixel_shuffle: the {side}x{side} patch grid ({num_tokens} tokens) is not divisible by scale {scale}; "
-            f"choose a scale that divides {side}, or an encoder image size / patch size giving a grid divisible by {scale}"
+            f"choose a scale that divides {side}, or an encoder image size / patch size giving a grid "
+            f"divisible by {scale}"
         )
     return side
 
@@ -59,12 +60,14 @@ def unfold(y: torch.Tensor, scale: int) -> torch.Tensor:
     return y.reshape(B, g * scale * g * scale, C)
 
 
-@CONNECTORS.register("pixel_shuffle", options=PixelShuffleOptions, summary="fold s x s patch blocks into one token, then an MLP")
+@CONNECTORS.register(
+    "pixel_shuffle", options=PixelShuffleOptions, summary="fold s x s patch blocks into one token, then an MLP"
+)
 class PixelShuffleConnector(Connector):
     def __init__(self, opts: PixelShuffleOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         self.scale = opts.scale
-        width = in_dim * opts.scale ** 2
+        width = in_dim * opts.scale**2
         hidden = opts.hidden_dim or out_dim
         self.mlp = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
@@ -74,4 +77,3 @@ class PixelShuffleConnector(Connector):
 
     def forward(self, feats):
         return self.mlp(fold(feats, self.scale))
-

@@ -34,7 +34,9 @@ class QFormerLayer(nn.Module):
         self.cross = cross
         if cross:
             self.norm_cross = nn.LayerNorm(hidden)
-            self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, kdim=kv_dim, vdim=kv_dim, batch_first=True)
+            self.cross_attn = nn.MultiheadAttention(
+                hidden, heads, dropout=dropout, kdim=kv_dim, vdim=kv_dim, batch_first=True
+            )
         self.ff = FeedForward(hidden, ffn_mult, dropout)
 
     def forward(self, q: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,9 @@ class QFormerConnector(Connector):
         self.queries = nn.Parameter(torch.randn(1, opts.num_queries, hidden) * opts.query_init_std)
         self.norm_feats = nn.LayerNorm(in_dim)  # BLIP-2's ln_vision; per token, so order-free
         self.layers = nn.ModuleList(
-            QFormerLayer(hidden, in_dim, opts.heads, opts.ffn_mult, opts.dropout, cross=(i % opts.cross_attention_freq == 0))
+            QFormerLayer(
+                hidden, in_dim, opts.heads, opts.ffn_mult, opts.dropout, cross=(i % opts.cross_attention_freq == 0)
+            )
             for i in range(opts.num_layers)
         )
         self.norm_out = nn.LayerNorm(hidden)
@@ -70,4 +74,3 @@ class QFormerConnector(Connector):
         for layer in self.layers:
             q = layer(q, feats)
         return self.proj(self.norm_out(q))
-

@@ -38,7 +38,9 @@ class PerceiverLayer(nn.Module):
         return latents + self.ff(latents)
 
 
-@CONNECTORS.register("resampler", options=ResamplerOptions, summary="Flamingo perceiver resampler: latents attend to [feats; latents]")
+@CONNECTORS.register(
+    "resampler", options=ResamplerOptions, summary="Flamingo perceiver resampler: latents attend to [feats; latents]"
+)
 class ResamplerConnector(Connector):
     def __init__(self, opts: ResamplerOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
@@ -59,4 +61,3 @@ class ResamplerConnector(Connector):
         for layer in self.layers:
             lat = layer(x, lat)
         return self.proj(self.norm_out(lat))
-

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image, UnidentifiedImageError
 
@@ -46,7 +46,9 @@ class StageDataset:
 
     def _bad(self, err: SampleError, i: int, rec: Record) -> None:
         if self.policy == "error":
-            raise SampleError(err.detail, err.reason, i, where=f"{rec.source or self.name}: sample {i} (id {rec.id})") from None
+            raise SampleError(
+                err.detail, err.reason, i, where=f"{rec.source or self.name}: sample {i} (id {rec.id})"
+            ) from None
         self.skipped[err.reason] += 1
         log.debug("skipped %s: sample %d (id %s): %s", rec.source or self.name, i, rec.id, err.detail)
 
@@ -73,7 +75,9 @@ class StageDataset:
         if n > self.processor.config.max_length:
             raise SampleError(
                 f"{n} tokens (media tokens included) exceed processor.max_length={self.processor.config.max_length}; "
-                "rejected, not truncated", "too long")
+                "rejected, not truncated",
+                "too long",
+            )
         return paths
 
     def __len__(self) -> int:
@@ -90,4 +94,8 @@ class StageDataset:
         return [open_image(p) if isinstance(p, Path) else p for p in self.paths[i]]
 
     def report(self) -> dict:
-        return {"used": len(self.records), "skipped": sum(self.skipped.values()), "skipped_by_reason": dict(self.skipped)}
+        return {
+            "used": len(self.records),
+            "skipped": sum(self.skipped.values()),
+            "skipped_by_reason": dict(self.skipped),
+        }

@@ -51,7 +51,9 @@ def llava_messages(conversations: list[dict], has_image: bool, where: str) -> li
     for k, turn in enumerate(conversations):
         role = ROLE_OF.get(turn.get("from", turn.get("role")))
         if role is None:
-            raise SampleError(f"{where}: turn {k} has 'from'={turn.get('from')!r}; expected human, gpt or system", "bad format")
+            raise SampleError(
+                f"{where}: turn {k} has 'from'={turn.get('from')!r}; expected human, gpt or system", "bad format"
+            )
         text = turn.get("value", turn.get("content"))
         if not isinstance(text, str):
             raise SampleError(f"{where}: turn {k} has no text 'value'", "bad format")

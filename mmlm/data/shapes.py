@@ -32,9 +32,15 @@ COLORS = {
 }
 SIZES = {"small": 0.45, "big": 0.85}  # fraction of the cell
 POSITIONS = (
-    "top left", "top", "top right",
-    "left", "center", "right",
-    "bottom left", "bottom", "bottom right",
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
 )
 QUESTION_TYPES = ("color", "shape", "count", "position", "exists")
 PATCH_GRIDS = (2, 3, 4, 6, 8, 12)
@@ -57,8 +63,14 @@ class Obj:
         return f"{self.size} {self.color} {self.shape}"
 
     def to_dict(self) -> dict:
-        return {"shape": self.shape, "color": self.color, "size": self.size, "position": self.position,
-                "cell": self.cell, "box": list(self.box)}
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "size": self.size,
+            "position": self.position,
+            "cell": self.cell,
+            "box": list(self.box),
+        }
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
@@ -89,7 +101,12 @@ def render_scene(rng: np.random.Generator, image_size: int = 96):
         r, c = divmod(cell, 3)
         cx = (c + 0.5) * cell_px + rng.uniform(-slack, slack) * 0.8
         cy = (r + 0.5) * cell_px + rng.uniform(-slack, slack) * 0.8
-        box = (int(round(cx - side / 2)), int(round(cy - side / 2)), int(round(cx + side / 2)) - 1, int(round(cy + side / 2)) - 1)
+        box = (
+            int(round(cx - side / 2)),
+            int(round(cy - side / 2)),
+            int(round(cx + side / 2)) - 1,
+            int(round(cy + side / 2)) - 1,
+        )
         _draw(d, shape, box, COLORS[color])
         _draw(dl, shape, box, k + 1)
         objs.append(Obj(shape, color, size, cell, box))
@@ -106,7 +123,7 @@ def patch_objects(label_map: np.ndarray, n_objects: int, grid: int, min_cover: f
     out = []
     for r in range(grid):
         for c in range(grid):
-            patch = label_map[int(r * step):int((r + 1) * step), int(c * step):int((c + 1) * step)]
+            patch = label_map[int(r * step) : int((r + 1) * step), int(c * step) : int((c + 1) * step)]
             counts = np.bincount(patch.ravel(), minlength=n_objects + 1)
             counts[0] = 0
             k = int(counts.argmax())
@@ -181,7 +198,9 @@ def questions(objs: list[Obj], rng: np.random.Generator, want_yes: bool) -> list
     return qs
 
 
-def generate(out: str | Path, n: int, seed: int = 0, image_size: int = 96, questions_per_image: int | None = None) -> dict:
+def generate(
+    out: str | Path, n: int, seed: int = 0, image_size: int = 96, questions_per_image: int | None = None
+) -> dict:
     """Write ``n`` scenes under ``out``: images/, captions.json and vqa.json (LLaVA format),
     questions.jsonl (one question per line with its type), scenes.json (objects, patch labels)."""
     out = Path(out)
@@ -196,26 +215,45 @@ def generate(out: str | Path, n: int, seed: int = 0, image_size: int = 96, quest
         order = rng.permutation(len(qs))
         qs = [qs[j] for j in order][: questions_per_image or len(qs)]
         sid = f"{seed}-{i}"
-        captions.append({"id": sid, "image": name, "conversations": [
-            {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\ndescribe the image."},
-            {"from": "gpt", "value": caption(objs)},
-        ]})
+        captions.append(
+            {
+                "id": sid,
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_PLACEHOLDER}\ndescribe the image."},
+                    {"from": "gpt", "value": caption(objs)},
+                ],
+            }
+        )
         conv = []
         for k, q in enumerate(qs):
             conv.append({"from": "human", "value": (f"{IMAGE_PLACEHOLDER}\n" if k == 0 else "") + q["question"]})
             conv.append({"from": "gpt", "value": q["answer"]})
         vqa.append({"id": sid, "image": name, "conversations": conv, "question_types": [q["type"] for q in qs]})
         for k, q in enumerate(qs):
-            flat.append({"id": f"{sid}-{k}", "image": name, "question": q["question"], "answer": q["answer"], "type": q["type"]})
-        scenes.append({"id": sid, "image": name, "objects": [o.to_dict() for o in objs],
-                       "patch_objects": {str(g): patch_objects(lmap, len(objs), g) for g in PATCH_GRIDS}})
+            flat.append(
+                {"id": f"{sid}-{k}", "image": name, "question": q["question"], "answer": q["answer"], "type": q["type"]}
+            )
+        scenes.append(
+            {
+                "id": sid,
+                "image": name,
+                "objects": [o.to_dict() for o in objs],
+                "patch_objects": {str(g): patch_objects(lmap, len(objs), g) for g in PATCH_GRIDS},
+            }
+        )
     (out / "captions.json").write_text(json.dumps(captions))
     (out / "vqa.json").write_text(json.dumps(vqa))
     (out / "scenes.json").write_text(json.dumps(scenes))
     with open(out / "questions.jsonl", "w") as f:
         for q in flat:
             f.write(json.dumps(q) + "\n")
-    info = {"n_images": n, "seed": seed, "image_size": image_size, "n_questions": len(flat),
-            "by_type": {t: sum(q["type"] == t for q in flat) for t in QUESTION_TYPES}}
+    info = {
+        "n_images": n,
+        "seed": seed,
+        "image_size": image_size,
+        "n_questions": len(flat),
+        "by_type": {t: sum(q["type"] == t for q in flat) for t in QUESTION_TYPES},
+    }
     (out / "world.json").write_text(json.dumps(info, indent=2))
     return info

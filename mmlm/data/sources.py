@@ -85,7 +85,9 @@ class HFOptions(SourceOptions):
     conversations_column: str = "conversations"
 
 
-@DATA_FORMATS.register("hf", options=HFOptions, summary="a Hugging Face dataset (save_to_disk folder or load_dataset path)")
+@DATA_FORMATS.register(
+    "hf", options=HFOptions, summary="a Hugging Face dataset (save_to_disk folder or load_dataset path)"
+)
 def read_hf(o: HFOptions) -> list[Record]:
     import datasets
 
@@ -133,7 +135,7 @@ def read_shapes(o: ShapesOptions) -> list[Record]:
         have = json.loads(info_file.read_text())
         if any(have.get(k) != v for k, v in want.items()):
             raise ValueError(
-                f"{root} holds a shapes world with {({k: have.get(k) for k in want})}, not {want}; "
+                f"{root} holds a shapes world with { ({k: have.get(k) for k in want}) }, not {want}; "
                 "use another path or delete it"
             )
     else:

@@ -31,8 +31,9 @@ checkpoint. ``ObjectiveOptions.texts`` names the words a from-scratch tokenizer 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field

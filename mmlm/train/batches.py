@@ -41,7 +41,9 @@ class StageBatches:
             except SampleError as err:
                 if self.policy == "error":
                     rec = self.data.records[i]
-                    raise SampleError(err.detail, err.reason, i, where=f"{self.stage}: sample {i} (id {rec.id})") from None
+                    raise SampleError(
+                        err.detail, err.reason, i, where=f"{self.stage}: sample {i} (id {rec.id})"
+                    ) from None
                 skipped.append(err.reason)
         raise ValueError(f"{self.where} ({self.stage}): every sample failed to load")
 

@@ -22,13 +22,20 @@ class ConsoleReporter:
         self.t0 = time.time()
         used, skipped = info.get("used"), info.get("skipped", 0)
         extra = f", skipped {skipped} {info.get('skipped_by_reason')}" if skipped else ""
-        self.console.print(f"[bold]stage {name}[/]: {total} steps, {used} samples{extra}, {info.get('trainable')} trainable tensors"
-                           + (f", resuming at step {start}" if start else ""))
+        self.console.print(
+            f"[bold]stage {name}[/]: {total} steps, {used} samples{extra}, {info.get('trainable')} trainable tensors"
+            + (f", resuming at step {start}" if start else "")
+        )
         if self.live:
             self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
-                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console,
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f}"),
+                TextColumn("{task.fields[tps]:.0f} tok/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
             )
             self.progress.start()
             self.task = self.progress.add_task(name, total=total, completed=start, loss=float("nan"), tps=0.0)
@@ -37,7 +44,10 @@ class ConsoleReporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, loss=loss, tps=tps)
         elif step % self.every == 0 or step == total:
-            self.console.print(f"  {name} step {step}/{total}  loss {loss:.4f}  {tps:.0f} tok/s  lr {lr:.2e}  {time.time() - self.t0:.0f}s")
+            self.console.print(
+                f"  {name} step {step}/{total}  loss {loss:.4f}  {tps:.0f} tok/s  lr {lr:.2e}  "
+                f"{time.time() - self.t0:.0f}s"
+            )
 
     def eval(self, name, step, m):
         by = "  ".join(f"{k} {v:.2f}" for k, v in m["by_type"].items())
@@ -48,5 +58,8 @@ class ConsoleReporter:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-        self.console.print(f"  {name} done in {summary['seconds']}s, final loss {summary['final_loss']}, {summary['tokens_per_s']} tok/s")
+        self.console.print(
+            f"  {name} done in {summary['seconds']}s, final loss {summary['final_loss']} "
+            f"({', '.join(f'{k} {v}' for k, v in summary.get('losses', {}).items())}), {summary['tokens_per_s']} tok/s"
+        )
         sys.stdout.flush()

@@ -54,10 +54,17 @@ class Reporter(Protocol):
 
 
 class Silent:
-    def stage_start(self, *a, **k): pass
-    def step(self, *a, **k): pass
-    def eval(self, *a, **k): pass
-    def stage_end(self, *a, **k): pass
+    def stage_start(self, *a, **k):
+        pass
+
+    def step(self, *a, **k):
+        pass
+
+    def eval(self, *a, **k):
+        pass
+
+    def stage_end(self, *a, **k):
+        pass
 
 
 def _stage_dir(out: Path, name: str) -> Path:
@@ -235,12 +242,27 @@ class Trainer:
         pmodel, optimizer = accelerator.prepare(model, optimizer)
         make_batch = StageBatches(data, st.batch_size, self.seed, st.name, where, st.on_bad_sample)
         batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
-        self.reporter.stage_start(st.name, total, start, {"samples": len(data), **data.report(), "trainable": len(names)})
+        self.reporter.stage_start(
+            st.name, total, start, {"samples": len(data), **data.report(), "trainable": len(names)}
+        )
         return StageRun(
-            st=st, where=where, model=model, pmodel=pmodel, accelerator=accelerator, optimizer=optimizer,
-            objectives=objectives, data=data, batches=batches, eval_data=eval_data, total=total,
-            warmup=st.warmup_steps or int(st.warmup_ratio * total), start=start, state_dir=state_dir,
-            trainable=len(names), curve=curve, completed=start,
+            st=st,
+            where=where,
+            model=model,
+            pmodel=pmodel,
+            accelerator=accelerator,
+            optimizer=optimizer,
+            objectives=objectives,
+            data=data,
+            batches=batches,
+            eval_data=eval_data,
+            total=total,
+            warmup=st.warmup_steps or int(st.warmup_ratio * total),
+            start=start,
+            state_dir=state_dir,
+            trainable=len(names),
+            curve=curve,
+            completed=start,
         )
 
     def _losses(self, run: StageRun, batch: dict) -> dict[str, torch.Tensor]:
@@ -301,8 +323,15 @@ class Trainer:
         if run.eval_data is not None and (done % st.eval_every == 0 or done == run.total):
             ev = self.cfg.train.eval
             m = evaluate_quick(run.model, run.eval_data, ev)
-            run.curve.append({"step": done, "seconds": round(time.time() - run.t0, 1), "loss": round(run.loss_ema, 4),
-                              "vqa_accuracy": m["vqa_accuracy"], "by_type": m["by_type"]})
+            run.curve.append(
+                {
+                    "step": done,
+                    "seconds": round(time.time() - run.t0, 1),
+                    "loss": round(run.loss_ema, 4),
+                    "vqa_accuracy": m["vqa_accuracy"],
+                    "by_type": m["by_type"],
+                }
+            )
             self.reporter.eval(st.name, done, m)
             run.model.train()
         self.steps_this_call += 1
@@ -312,7 +341,9 @@ class Trainer:
             raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
 
     def _save_state(self, run: StageRun) -> None:
-        save_train_state(run.state_dir, run.model, run.optimizer, run.completed, {"stage": run.st.name, "curve": run.curve})
+        save_train_state(
+            run.state_dir, run.model, run.optimizer, run.completed, {"stage": run.st.name, "curve": run.curve}
+        )
 
     def _finish_stage(self, run: StageRun) -> dict:
         st = run.st
@@ -347,11 +378,20 @@ class Trainer:
 
 
 def evaluate_quick(model, data: StageDataset, ev) -> dict:
-    return evaluate(model, data, max_questions=ev.max_questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
+    return evaluate(
+        model, data, max_questions=ev.max_questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens
+    )
 
 
-def train(cfg: PipelineConfig, out, stage: str | None = None, resume: bool = False, reporter: Reporter | None = None,
-          stop_after: int | None = None, model=None):
+def train(
+    cfg: PipelineConfig,
+    out,
+    stage: str | None = None,
+    resume: bool = False,
+    reporter: Reporter | None = None,
+    stop_after: int | None = None,
+    model=None,
+):
     """Run the config's stages into ``out``; returns the trained model. ``model``: start from this
     already built model instead of building one from the config (a new run only)."""
     return Trainer(cfg, out, reporter, stop_after).run(stage=stage, resume=resume, model=model)

@@ -29,8 +29,9 @@ class HFEncoderOptions(EncoderOptions):
     def _one_source(self):
         if (self.path is None) == (self.config is None):
             which = "both were given" if self.path is not None else "neither was given"
-            raise ValueError(f"give exactly one of 'path' (hub id or local directory) or 'config' "
-                             f"(a dict with model_type); {which}")
+            raise ValueError(
+                f"give exactly one of 'path' (hub id or local directory) or 'config' (a dict with model_type); {which}"
+            )
         if self.config is not None and not self.config.get("model_type"):
             raise ValueError("'config' needs a 'model_type' (e.g. clip_vision_model, siglip_vision_model)")
         return self
@@ -56,8 +57,12 @@ def _read_preprocessor(path: str) -> dict[str, Any] | None:
     from transformers.utils import cached_file
 
     try:
-        file = cached_file(path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False,
-                           _raise_exceptions_for_connection_errors=False)
+        file = cached_file(
+            path,
+            "preprocessor_config.json",
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+        )
     except OSError:
         return None
     if file is None:
@@ -66,12 +71,25 @@ def _read_preprocessor(path: str) -> dict[str, Any] | None:
         return json.load(f)
 
 
-EXAMPLE = {"config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                        "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}}  # a tiny working instance (contract tests)
+EXAMPLE = {
+    "config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+}  # a tiny working instance (contract tests)
 
 
-@ENCODERS.register("hf", options=HFEncoderOptions,
-                   summary="any Hugging Face vision model (hub id, local directory or config from scratch)", example=EXAMPLE)
+@ENCODERS.register(
+    "hf",
+    options=HFEncoderOptions,
+    summary="any Hugging Face vision model (hub id, local directory or config from scratch)",
+    example=EXAMPLE,
+)
 class HFEncoder(Encoder):
     def __init__(self, opts: HFEncoderOptions):
         super().__init__(opts.select_layers)
@@ -129,15 +147,18 @@ class HFEncoder(Encoder):
         out = []
         for i in self.select_layers:
             if not -n <= i < n:
-                raise IndexError(f"select_layers: {i} is out of range; this model has {n} hidden states "
-                                 f"(0 = embeddings, {n - 1} = last block)")
+                raise IndexError(
+                    f"select_layers: {i} is out of range; this model has {n} hidden states "
+                    f"(0 = embeddings, {n - 1} = last block)"
+                )
             h = hidden[i]
             if h.ndim == 4:  # convolutional stages: [B, C, H, W]
                 h = nchw_to_nlc(h)
             elif self.drop_prefix_tokens:
                 if self.patch_hw is None:
-                    raise ValueError("drop_prefix_tokens needs the config's patch_size; "
-                                     "set drop_prefix_tokens: false for this model")
+                    raise ValueError(
+                        "drop_prefix_tokens needs the config's patch_size; set drop_prefix_tokens: false for this model"
+                    )
                 grid = (x.shape[-2] // self.patch_hw[0]) * (x.shape[-1] // self.patch_hw[1])
                 prefix = h.shape[1] - grid  # CLS + registers; negative for downsampled stages (Swin)
                 if prefix > 0:

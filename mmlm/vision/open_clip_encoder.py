@@ -43,8 +43,10 @@ def _register_config(open_clip, name: str, cfg: dict[str, Any], where: str = "mo
     stem is the model name). The entry stays in open_clip's table after the file is gone."""
     missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
     if missing:
-        raise ValueError(f"{where}.model_config: missing key(s) {', '.join(missing)} "
-                         "(an open_clip config has embed_dim, vision_cfg and text_cfg)")
+        raise ValueError(
+            f"{where}.model_config: missing key(s) {', '.join(missing)} "
+            "(an open_clip config has embed_dim, vision_cfg and text_cfg)"
+        )
     if "/" in name or name.startswith(("hf-hub:", "local-dir:")):
         raise ValueError(f"{where}.model_name: {name!r} cannot name a custom model_config")
     text = json.dumps(cfg)
@@ -56,8 +58,14 @@ def _register_config(open_clip, name: str, cfg: dict[str, Any], where: str = "mo
         raise RuntimeError(f"open_clip did not register model_config under {name!r}")
 
 
-def create_open_clip(model_name: str, arch_config: dict[str, Any] | None, weights: str | None,
-                     where: str = "model.encoders.*", needed_by: str = "model.encoders.*.type 'open_clip'", **kwargs):
+def create_open_clip(
+    model_name: str,
+    arch_config: dict[str, Any] | None,
+    weights: str | None,
+    where: str = "model.encoders.*",
+    needed_by: str = "model.encoders.*.type 'open_clip'",
+    **kwargs,
+):
     """A whole open_clip model on the CPU in fp32: a built-in architecture, or ``arch_config``
     registered under ``model_name``; weights from a local file when given. ``where`` prefixes the
     config key paths in error messages."""
@@ -66,20 +74,30 @@ def create_open_clip(model_name: str, arch_config: dict[str, Any] | None, weight
         _register_config(open_clip, model_name, copy.deepcopy(arch_config), where)
     elif model_name not in open_clip.list_models():
         raise ValueError(
-            f"{where}.model_name: open_clip has no model {model_name!r} (see open_clip.list_models(), or give model_config)"
+            f"{where}.model_name: open_clip has no model {model_name!r} "
+            "(see open_clip.list_models(), or give model_config)"
         )
     if weights is not None:
         kwargs["pretrained"] = str(local_file(weights, f"{where}.weights"))
     return open_clip.create_model(model_name, device="cpu", precision="fp32", **kwargs)
 
 
-EXAMPLE = {"model_name": "mmlm-example-clip", "model_config": {
-        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}}  # a tiny working instance (contract tests)
+EXAMPLE = {
+    "model_name": "mmlm-example-clip",
+    "model_config": {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1},
+    },
+}  # a tiny working instance (contract tests)
 
 
-@ENCODERS.register("open_clip", options=OpenClipOptions,
-                   summary="the image tower of an open_clip model (built-in or custom config, local weights)", example=EXAMPLE)
+@ENCODERS.register(
+    "open_clip",
+    options=OpenClipOptions,
+    summary="the image tower of an open_clip model (built-in or custom config, local weights)",
+    example=EXAMPLE,
+)
 class OpenClipEncoder(Encoder):
     def __init__(self, opts: OpenClipOptions):
         super().__init__(opts.select_layers)
@@ -102,5 +120,5 @@ class OpenClipEncoder(Encoder):
         # open_clip returns the intermediates in block order; indices are all one sign (base class)
         order = sorted(self.select_layers)
         out = self.visual.forward_intermediates(x, indices=order, intermediates_only=True, output_fmt="NCHW")
-        by_index = dict(zip(order, out["image_intermediates"]))
+        by_index = dict(zip(order, out["image_intermediates"], strict=False))
         return self._pick([nchw_to_nlc(by_index[i]) for i in self.select_layers])

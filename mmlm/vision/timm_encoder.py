@@ -23,11 +23,16 @@ class TimmOptions(EncoderOptions):
     pos_embed: bool = False
 
 
-EXAMPLE = {"model_name": "vit_tiny_patch16_224", "img_size": 32,
-             "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}  # a tiny working instance (contract tests)
+EXAMPLE = {
+    "model_name": "vit_tiny_patch16_224",
+    "img_size": 32,
+    "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2},
+}  # a tiny working instance (contract tests)
 
 
-@ENCODERS.register("timm", options=TimmOptions, summary="any timm model (from scratch or a local weights file)", example=EXAMPLE)
+@ENCODERS.register(
+    "timm", options=TimmOptions, summary="any timm model (from scratch or a local weights file)", example=EXAMPLE
+)
 class TimmEncoder(Encoder):
     def __init__(self, opts: TimmOptions):
         super().__init__(opts.select_layers)
@@ -69,7 +74,7 @@ class TimmEncoder(Encoder):
         if getattr(self, "pos", None) is None:
             return out
         if isinstance(out, list):
-            return [f + p for f, p in zip(out, self.pos)]
+            return [f + p for f, p in zip(out, self.pos, strict=False)]
         return out + self.pos[0]
 
     def _features(self, x: torch.Tensor):
@@ -77,11 +82,11 @@ class TimmEncoder(Encoder):
         if hasattr(bb, "forward_intermediates"):
             order = sorted(self.select_layers)  # timm returns layers in ascending order
             feats = bb.forward_intermediates(x, indices=order, intermediates_only=True, output_fmt="NCHW")
-            by_index = dict(zip(order, feats))
+            by_index = dict(zip(order, feats, strict=False))
             return self._pick([nchw_to_nlc(by_index[i]) for i in self.select_layers])
         if self.multi_layer:
             raise ValueError(f"timm model {type(bb).__name__} cannot return intermediate layers")
         f = bb.forward_features(x)
         if f.ndim == 3:
-            f = f[:, getattr(bb, "num_prefix_tokens", 0):]
+            f = f[:, getattr(bb, "num_prefix_tokens", 0) :]
         return nchw_to_nlc(f)
