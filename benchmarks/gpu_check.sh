@@ -14,6 +14,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 timeout "${DEMO_TIMEOUT:-300}" python3 benchmarks/gpu_check.py --out /tmp/gpu-demo 2>&1 | grep -v Warning | tee "$OUT/gpu_check.log"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests \
+# TESTS narrows the suite (default: all of tests/) when the device time is short
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests} \
   --ignore=tests/test_smollm2.py --ignore=tests/test_connectors_smollm2.py --ignore=tests/test_sea_open_clip.py \
   -k "not open_clip" 2>&1 | tail -25 | tee "$OUT/pytest.log"

@@ -174,9 +174,6 @@ class TrainConfig(Strict):
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {sorted(dup)}")
-        for i, s in enumerate(self.stages):
-            if s.eval_every and self.eval is None:
-                raise ValueError(f"stages.{i}.eval_every: there is no train.eval section to evaluate on")
         return self
 
 
@@ -287,6 +284,8 @@ def validate_components(cfg: PipelineConfig) -> None:
     cfg.model.llm.parsed(LLM_SOURCES, "model.llm")
     if cfg.train is not None:
         for i, st in enumerate(cfg.train.stages):
+            if st.eval_every and cfg.train.eval is None:
+                raise ConfigError("there is no train.eval section to evaluate on", f"train.stages.{i}.eval_every")
             for j, src in enumerate(st.data):
                 src.parsed(DATA_FORMATS, f"train.stages.{i}.data.{j}")
             for j, obj in enumerate(st.objectives):

@@ -199,6 +199,10 @@ class Processor:
         return len(self._tokens(messages, False, None)[0])
 
     def collate(self, samples: Sequence[Encoded], padding_side: str | None = None) -> dict[str, Any]:
+        """Pad and stack encoded samples into a batch with transformers' keys: ``input_ids``,
+        ``attention_mask``, ``position_ids``, ``labels`` (-100 off the assistant turns), one tensor per
+        modality under its batch key (``pixel_values`` ``[items, 3, H, W]`` for images, items in order of
+        appearance), and ``media_meta``: per-item annotations by key (``patch_labels``), in that order."""
         side = padding_side or self.config.padding_side
         width = max(len(s.input_ids) for s in samples)
         B = len(samples)

@@ -106,3 +106,21 @@ def test_dimension_mismatch_is_caught_at_build_with_both_sizes():
     with pytest.raises(ValueError) as e:
         build(cfg, texts=TEXTS)
     assert "48" in str(e.value) and "32" in str(e.value) and "model.connectors.image.in_dim" in str(e.value)
+
+
+def test_modality_names_are_checked_by_validation_not_at_build():
+    raw = tiny_raw()
+    raw["model"]["encoders"]["imgae"] = raw["model"]["encoders"].pop("image")
+    raw["model"]["connectors"]["imgae"] = raw["model"]["connectors"].pop("image")
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.path == "model.encoders"
+    assert "unknown modality 'imgae'; valid choices: image, audio" in str(err.value)
+
+
+def test_eval_every_needs_an_eval_section():
+    raw = tiny_raw("/unused")
+    raw["train"]["stages"][1]["eval_every"] = 2
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert "train.stages.1.eval_every" in str(err.value) and "train.eval" in str(err.value)

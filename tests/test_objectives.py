@@ -90,6 +90,7 @@ def test_weights_scale_each_objectives_losses(tmp_path):
     batch = next(run.batches)
     batch.pop("_skipped")
     position = batch["_position"]
+    batch = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     weighted = trainer._losses(run, dict(batch))
     out = model(**model.inputs(batch))
     info = StepInfo("align", position, lambda p: 0)

@@ -94,7 +94,7 @@ def world(tmp_path_factory):
 
 
 def _step(position=0, stage="align"):
-    return StepInfo(stage, position, lambda purpose: derive_seed(0, stage, position, purpose))
+    return StepInfo(stage, position, lambda purpose: derive_seed(0, 0, position, purpose))
 
 
 def test_objective_gives_the_infonce_of_the_tokens_and_their_data_labels(world):

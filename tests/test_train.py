@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import load_file
 
 from mmlm.checkpoint import load
+from mmlm.config import parse_config
 from mmlm.errors import RunExists, TrainingInterrupted
 from mmlm.train.runner import train
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_raw
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,8 @@ def test_stages_run_in_order_and_end_in_checkpoints(data_dir, tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path):
-    cfg = tiny_config(data_dir, steps=5)
+    # the second stage adds the SEA objective: its per-position draws must resume identically too
+    cfg = tiny_config(data_dir, steps=5, objectives=[{"type": "lm"}, {"type": "sea", "weight": 0.5}])
     train(cfg, tmp_path / "full")
     # killed after 3 optimizer steps of the second stage (align has 5): resume from the saved step
     with pytest.raises(TrainingInterrupted):
@@ -96,3 +98,21 @@ def test_ctrl_c_mid_stage_keeps_the_last_step_and_resumes_identically(data_dir, 
     a, b = _weights(tmp_path / "full" / "final"), _weights(tmp_path / "cut" / "final")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_run_reproduces_what_the_previous_release_trained(tmp_path):
+    """tests/data/legacy-run.connector.safetensors: the final connector of this two-stage run as the
+    0.1 release trained it (SEA then a connector active in the second stage; script in
+    tests/data/README.md). The same run, SEA now an objective, lands on the same weights: the random
+    streams (init, sample order, per-step seeds) and the losses are unchanged."""
+    from pathlib import Path
+
+    raw = tiny_raw(str(tmp_path / "shapes"), n=16, steps=3)
+    raw["train"]["stages"][1]["objectives"] = [{"type": "lm"}, {"type": "sea", "weight": 0.5, "temperature": 0.1}]
+    train(parse_config(raw), tmp_path / "run")
+    ours = _weights(tmp_path / "run" / "final")
+    theirs = load_file(str(Path(__file__).parent / "data" / "legacy-run.connector.safetensors"))
+    assert len(theirs) == 4
+    for key, value in theirs.items():
+        mine = ours[key.replace("connectors.image.inner.", "connectors.image.")]
+        assert torch.allclose(mine, value, rtol=0, atol=1e-5), key

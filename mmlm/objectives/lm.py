@@ -12,11 +12,11 @@ from mmlm.registry import OBJECTIVES
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` where the label is supervised."""
-    shifted = logits[:, :-1].float()
-    return F.cross_entropy(
-        shifted.reshape(-1, shifted.shape[-1]), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
-    )
+    """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` where the label is supervised,
+    computed as transformers computes it (labels shifted by padding, logits in fp32), so the same
+    batch gives the same bits either way."""
+    target = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 class LMOptions(ObjectiveOptions):
@@ -26,7 +26,4 @@ class LMOptions(ObjectiveOptions):
 @OBJECTIVES.register("lm", options=LMOptions, summary="next-token loss on the supervised (assistant) tokens")
 class LMObjective(Objective):
     def __call__(self, output, batch, step) -> dict[str, torch.Tensor]:
-        labels = batch["labels"]
-        if not bool((labels[:, 1:] != IGNORE_INDEX).any()):
-            raise ValueError(f"{self.where} (lm): the micro-batch supervises no token (every label is -100)")
-        return {"lm": causal_lm_loss(output.logits, labels)}
+        return {"lm": causal_lm_loss(output.logits, batch["labels"])}

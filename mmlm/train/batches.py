@@ -15,11 +15,14 @@ _RETRY_STRIDE = 7919  # a bad sample at position p is replaced by the one at p +
 
 
 class StageBatches:
-    def __init__(self, data: StageDataset, batch_size: int, run_seed: int, stage: str, where: str, policy: str):
+    def __init__(
+        self, data: StageDataset, batch_size: int, run_seed: int, stage: str, stage_index: int, where: str, policy: str
+    ):
         self.data = data
         self.batch_size = batch_size
         self.run_seed = run_seed
         self.stage = stage
+        self.stage_index = stage_index
         self.where = where
         self.policy = policy
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation)
@@ -29,7 +32,7 @@ class StageBatches:
         n = len(self.data)
         epoch, k = divmod(pos, n)
         if self._order is None or self._order[0] != epoch:
-            g = torch.Generator().manual_seed(derive_seed(self.run_seed, self.stage, epoch, "order"))
+            g = torch.Generator().manual_seed(derive_seed(self.run_seed, self.stage_index, epoch, "order"))
             self._order = (epoch, torch.randperm(n, generator=g))
         return int(self._order[1][k])
 

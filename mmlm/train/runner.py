@@ -92,6 +92,7 @@ class StageRun:
     """Everything one stage's loop works with."""
 
     st: StageConfig
+    index: int  # the stage's position in train.stages
     where: str
     model: Any
     pmodel: Any  # the model as accelerate prepared it
@@ -156,7 +157,7 @@ class Trainer:
         if _is_checkpoint(init):
             return load(init)
         texts = self.tokenizer_texts()
-        torch.manual_seed(derive_seed(self.seed, "", 0, "init"))
+        torch.manual_seed(derive_seed(self.seed, 0, 0, "init"))
         model = build(self.cfg, texts=texts)
         model.save(init)
         return model
@@ -240,13 +241,14 @@ class Trainer:
         accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
         model.to(accelerator.device)
         pmodel, optimizer = accelerator.prepare(model, optimizer)
-        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, where, st.on_bad_sample)
+        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, idx, where, st.on_bad_sample)
         batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
         self.reporter.stage_start(
             st.name, total, start, {"samples": len(data), **data.report(), "trainable": len(names)}
         )
         return StageRun(
             st=st,
+            index=idx,
             where=where,
             model=model,
             pmodel=pmodel,
@@ -268,7 +270,7 @@ class Trainer:
     def _losses(self, run: StageRun, batch: dict) -> dict[str, torch.Tensor]:
         """The micro-batch's weighted losses by name (each objective's own, times its weight)."""
         position = batch.pop("_position")
-        info = StepInfo(run.st.name, position, lambda purpose: derive_seed(self.seed, run.st.name, position, purpose))
+        info = StepInfo(run.st.name, position, lambda purpose: derive_seed(self.seed, run.index, position, purpose))
         hidden = any(o.needs_hidden_states for o in run.objectives)
         out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
         losses: dict[str, torch.Tensor] = {}
@@ -287,8 +289,8 @@ class Trainer:
         factor = lr_factor(step, run.total, run.warmup, st.schedule, st.min_lr_ratio)
         for g in run.optimizer.param_groups:
             g["lr"] = g["base_lr"] * factor
-        torch.manual_seed(derive_seed(self.seed, st.name, step, "step"))  # dropout etc. identical on resume
-        step_loss, step_tokens, parts = 0.0, 0, {}
+        torch.manual_seed(derive_seed(self.seed, run.index, step, "step"))  # dropout etc. identical on resume
+        step_tokens, parts = 0, {}
         for _ in range(st.grad_accum):
             batch = next(run.batches)
             for reason in batch.pop("_skipped"):
@@ -296,16 +298,16 @@ class Trainer:
             step_tokens += int(batch["attention_mask"].sum())
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             losses = self._losses(run, batch)
-            loss = sum(losses.values()) / st.grad_accum
-            run.accelerator.backward(loss)
-            step_loss += float(loss.detach())
-            for name, value in losses.items():
-                parts[name] = parts.get(name, 0.0) + float(value.detach()) / st.grad_accum
+            run.accelerator.backward(sum(losses.values()) / st.grad_accum)
+            for name, value in losses.items():  # summed on the device: one host transfer per step
+                parts[name] = parts.get(name, 0.0) + value.detach() / st.grad_accum
         if st.max_grad_norm:
             params = [p for p in run.model.parameters() if p.requires_grad]
             run.accelerator.clip_grad_norm_(params, st.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
+        parts = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True))
+        step_loss = sum(parts.values())
         run.completed = step + 1
         run.tokens_seen += step_tokens
         now = time.time()
