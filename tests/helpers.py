@@ -23,6 +23,11 @@ TINY_LLM = {
     "tokenizer": {"type": "word", "vocab_size": 200},
 }
 
+# a 2-layer CLIP/SigLIP vision tower on 32 px images (transformers config fields)
+TINY_VIT = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, intermediate_size=64
+)
+
 TINY_ENCODER = {
     "type": "timm",
     "model_name": "vit_tiny_patch16_224",

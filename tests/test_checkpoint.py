@@ -16,7 +16,7 @@ from mmlm.checkpoint import read_checkpoint_config
 from mmlm.config import parse_config
 from mmlm.errors import CheckpointError
 from mmlm.model import build
-from tests.helpers import TEXTS, tiny_raw
+from tests.helpers import TEXTS, TINY_VIT, tiny_raw
 
 DATA = Path(__file__).parent / "data"
 
@@ -91,16 +91,7 @@ def test_only_what_differs_from_a_pretrained_source_is_stored(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    ).save_pretrained(tmp_path / "vit")
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VIT)).save_pretrained(tmp_path / "vit")
     raw = tiny_raw()
     raw["model"]["encoders"]["image"] = {"type": "hf", "path": str(tmp_path / "vit")}
     model = build(parse_config(raw), texts=TEXTS)

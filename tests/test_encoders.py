@@ -12,13 +12,10 @@ import torch  # noqa: E402
 from mmlm.config import Component, parse_config  # noqa: E402
 from mmlm.errors import ConfigError  # noqa: E402
 from mmlm.registry import ENCODERS  # noqa: E402
-from tests.helpers import run_without_open_clip, tiny_raw  # noqa: E402
+from tests.helpers import TINY_VIT, run_without_open_clip, tiny_raw  # noqa: E402
 
 MEAN = [0.1, 0.2, 0.3]
 STD = [0.4, 0.5, 0.6]
-TINY_VIT = dict(
-    hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, intermediate_size=64
-)
 
 
 def build(kind: str, **opts):
