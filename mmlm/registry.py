@@ -38,9 +38,10 @@ class Entry:
 class Registry:
     """Name -> part. Lookup is by exact name only: no aliases, no case folding."""
 
-    def __init__(self, kind: str, packages: tuple[str, ...] = ()):
+    def __init__(self, kind: str, packages: tuple[str, ...] = (), moved: dict[str, str] | None = None):
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self._moved = dict(moved or {})  # names that were parts here once -> where they went
         # every module of these packages is imported on first lookup, so a new part is one new
         # file with its ``@REGISTRY.register`` line and no edit anywhere else
         self._packages = packages
@@ -79,8 +80,12 @@ class Registry:
         self._load()
         if name not in self._entries:
             loc = f"{where}: " if where else ""
-            raise UnknownComponentError(f"{loc}unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}")
+            raise UnknownComponentError(f"{loc}{self.unknown(name)}")
         return self._entries[name]
+
+    def unknown(self, name: str) -> str:
+        text = f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
+        return f"{text}. {self._moved[name]}" if name in self._moved else text
 
     def __contains__(self, name: str) -> bool:
         self._load()
@@ -91,9 +96,7 @@ class Registry:
         try:
             entry = self.get(name)
         except UnknownComponentError:
-            raise ConfigError(
-                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}", f"{where}.{key}"
-            ) from None
+            raise ConfigError(self.unknown(name), f"{where}.{key}") from None
         try:
             return entry.options.model_validate(options)
         except ValidationError as err:
@@ -108,7 +111,14 @@ class Registry:
 
 
 ENCODERS = Registry("encoder", packages=("mmlm.vision", "mmlm.audio"))
-CONNECTORS = Registry("connector", packages=("mmlm.connectors",))
+CONNECTORS = Registry(
+    "connector",
+    packages=("mmlm.connectors",),
+    moved={
+        "sea": "SEA is a training objective now: make the connector its inner one and list "
+        "{type: sea, ...} in each stage's objectives (checkpoints saved with it are migrated on load)"
+    },
+)
 LLM_SOURCES = Registry("llm source", packages=("mmlm.llm",))
 DATA_FORMATS = Registry("data format", packages=("mmlm.data.sources",))
 OBJECTIVES = Registry("objective", packages=("mmlm.objectives",))

@@ -112,3 +112,12 @@ def test_objective_words_join_a_from_scratch_tokenizer(tmp_path):
     texts = Trainer(parse_config(raw), tmp_path / "run").tokenizer_texts()
     assert {"zebra", "xylophone"} <= set(texts)
     assert any("red" in t for t in texts)  # and the records' own texts and patch labels
+
+
+def test_sea_as_a_connector_points_to_the_objective():
+    raw = tiny_raw()
+    raw["model"]["connectors"]["image"] = {"type": "sea", "inner": {"type": "mlp"}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.path == "model.connectors.image.type"
+    assert "unknown connector 'sea'" in str(err.value) and "objectives" in str(err.value)
