@@ -132,9 +132,9 @@ def ask_cmd(
 ):
     """Answer one question about an image with a trained checkpoint."""
     _quiet()
-    from PIL import Image
-
     from mmlm.checkpoint import load
+    from mmlm.errors import SampleError
+    from mmlm.images import load_image
 
     try:
         model = load(checkpoint)
@@ -142,17 +142,26 @@ def ask_cmd(
         _fail(err)
     img = None
     if image is not None:
-        if not image.is_file():
-            _fail(FileNotFoundError(f"--image: no such file: {image}"))
-        img = Image.open(image).convert("RGB")
+        try:
+            img = load_image(image, model.processor.config.max_image_pixels)
+        except SampleError as err:
+            _fail(ValueError(f"--image: {err}"))
     if stream:
+        ids: list[int] = []
+        shown = ""
 
-        def emit(step, toks):
+        def emit(step, toks):  # print what the answer's text gained with this token
+            nonlocal shown
             if toks[0] >= 0:
-                sys.stdout.write(model.processor.tokenizer.decode([toks[0]]) + " ")
-                sys.stdout.flush()
+                ids.append(toks[0])
+                text = model.processor.decode(ids)
+                if text.startswith(shown):
+                    sys.stdout.write(text[len(shown) :])
+                    sys.stdout.flush()
+                    shown = text
 
-        model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit)
+        answer = model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit)
+        sys.stdout.write(answer[len(shown) :] if answer.startswith(shown) else "")
         print()
     else:
         print(model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature))
@@ -195,6 +204,8 @@ def eval_cmd(
     if ds.skipped:
         console.print(f"skipped {sum(ds.skipped.values())} samples: {dict(ds.skipped)}")
     m = evaluate(model, ds, max_questions=max_questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    if m["skipped"]:
+        console.print(f"left out {sum(m['skipped'].values())} samples whose images cannot be read: {m['skipped']}")
     _print_table(f"{checkpoint} on {data}", m)
     if out:
         out.write_text(json.dumps(m, indent=2))

@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from mmlm.errors import ConfigError
+from mmlm.images import DEFAULT_MAX_PIXELS
 from mmlm.modalities import MODALITIES
 from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES
 
@@ -95,6 +96,8 @@ class ModelConfig(Strict):
 
 class ProcessorConfig(Strict):
     max_length: int = Field(512, gt=8)
+    # an image file larger than this is refused (a sample error) before it is decoded
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     padding_side: Literal["left", "right"] = "right"
     chat_template: Literal["auto", "builtin"] = "auto"
     system_prompt: str | None = None
@@ -195,7 +198,8 @@ class PipelineConfig(Strict):
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json", exclude_none=True)
+        # nulls are kept: a key set to null (max_grad_norm: null) must not read back as its default
+        return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +15,7 @@ import torch
 
 from mmlm.data.dataset import StageDataset
 from mmlm.data.records import Record
+from mmlm.errors import SampleError
 from mmlm.modalities import IMAGE_PLACEHOLDER
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -58,25 +59,35 @@ def evaluate(
     max_new_tokens: int = 8,
     return_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Greedy answers to every question of ``data``; accuracy overall and by question type."""
+    """Greedy answers to every question of ``data``; accuracy overall and by question type. A record
+    whose images cannot be read is left out and counted by reason under ``skipped`` (once per record)."""
     proc = model.processor
     qs = questions_from(data.records)[:max_questions]
     correct: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     preds = []
-    cached: tuple[int | None, list] = (None, [])  # questions of one record come together: decode once
+    skipped: Counter = Counter()
+    cached: tuple[int | None, list | None] = (None, [])  # questions of one record come together: decode once
     for start in range(0, len(qs), batch_size):
-        chunk = qs[start : start + batch_size]
-        encoded = []
-        for q in chunk:
+        encoded, chunk = [], []
+        for q in qs[start : start + batch_size]:
             if cached[0] != q.record:
-                cached = (q.record, data.images(q.record))
+                try:
+                    cached = (q.record, data.images(q.record))
+                except SampleError as err:
+                    cached = (q.record, None)
+                    skipped[err.reason] += 1
             imgs = cached[1]
+            if imgs is None:
+                continue
+            chunk.append(q)
             n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in q.messages)
             encoded.append(
                 proc.encode(
                     q.messages, {"image": imgs[:n_img]} if n_img else None, add_generation_prompt=True, index=q.record
                 )
             )
+        if not encoded:
+            continue
         batch = proc.collate(encoded, padding_side="left")
         outs = model.generate(batch, max_new_tokens=max_new_tokens)
         for q, ids in zip(chunk, outs, strict=False):
@@ -101,6 +112,7 @@ def evaluate(
         "n_eval": total[1],
         "by_type": {t: c / n for t, (c, n) in sorted(correct.items())},
         "n_by_type": {t: n for t, (c, n) in sorted(correct.items())},
+        "skipped": dict(skipped),
     }
     if return_predictions:
         result["predictions"] = preds

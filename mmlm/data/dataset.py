@@ -9,24 +9,13 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from mmlm.data.records import Record, resolve_image
 from mmlm.errors import SampleError
+from mmlm.images import load_image, to_rgb
 from mmlm.modalities import IMAGE_PLACEHOLDER
 from mmlm.processor import Encoded, Processor
 
 log = logging.getLogger(__name__)
-
-
-def open_image(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise SampleError(f"image not found: {path}", "missing image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise SampleError(f"image {path} cannot be decoded: {err}", "corrupt image") from None
 
 
 class StageDataset:
@@ -34,7 +23,8 @@ class StageDataset:
         self.processor = processor
         self.policy = policy
         self.name = name
-        self.skipped: Counter = Counter()
+        self.skipped: Counter = Counter()  # samples refused up front, by reason
+        self.failed: dict[int, str] = {}  # samples that failed when loaded (corrupt image ...): index -> reason
         self.records: list[Record] = []
         self.paths: list[list] = []
         for i, rec in enumerate(records):
@@ -91,11 +81,15 @@ class StageDataset:
 
     def images(self, i: int) -> list:
         """Sample ``i``'s images, decoded (files) or as given (in-memory images)."""
-        return [open_image(p) if isinstance(p, Path) else p for p in self.paths[i]]
+        limit = self.processor.config.max_image_pixels
+        return [load_image(p, limit) if isinstance(p, Path) else to_rgb(p) for p in self.paths[i]]
 
     def report(self) -> dict:
+        """Samples used and skipped, each bad sample counted once whatever number of times it was drawn."""
+        by_reason = Counter(self.skipped)
+        by_reason.update(self.failed.values())
         return {
-            "used": len(self.records),
-            "skipped": sum(self.skipped.values()),
-            "skipped_by_reason": dict(self.skipped),
+            "used": len(self.records) - len(self.failed),
+            "skipped": sum(by_reason.values()),
+            "skipped_by_reason": dict(by_reason),
         }

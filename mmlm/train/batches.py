@@ -36,7 +36,7 @@ class StageBatches:
             self._order = (epoch, torch.randperm(n, generator=g))
         return int(self._order[1][k])
 
-    def load_sample(self, pos: int, skipped: list[str]):
+    def load_sample(self, pos: int, skipped: list[tuple[int, str]]):
         for attempt in range(len(self.data)):
             i = self.sample_index(pos + attempt * _RETRY_STRIDE)
             try:
@@ -47,13 +47,13 @@ class StageBatches:
                     raise SampleError(
                         err.detail, err.reason, i, where=f"{self.stage}: sample {i} (id {rec.id})"
                     ) from None
-                skipped.append(err.reason)
+                skipped.append((i, err.reason))
         raise ValueError(f"{self.where} ({self.stage}): every sample failed to load")
 
     def __call__(self, micro_index: int) -> dict:
-        """The micro-batch at ``micro_index``, with ``_position`` and the reasons of samples skipped
-        on the way (``_skipped``)."""
-        skipped: list[str] = []
+        """The micro-batch at ``micro_index``, with ``_position`` and the samples skipped on the way
+        (``_skipped``: index and reason of each)."""
+        skipped: list[tuple[int, str]] = []
         base = micro_index * self.batch_size
         batch = self.data.processor.collate([self.load_sample(base + j, skipped) for j in range(self.batch_size)])
         batch["_skipped"] = skipped

@@ -238,6 +238,7 @@ class Trainer:
         if resume and (state_dir / "state.json").is_file():
             info = load_train_state(state_dir, model, optimizer)
             start, curve = info["step"], info.get("curve", [])
+            data.failed.update({int(i): reason for i, reason in info.get("failed", {}).items()})
         accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
         model.to(accelerator.device)
         pmodel, optimizer = accelerator.prepare(model, optimizer)
@@ -293,8 +294,7 @@ class Trainer:
         step_tokens, parts = 0, {}
         for _ in range(st.grad_accum):
             batch = next(run.batches)
-            for reason in batch.pop("_skipped"):
-                run.data.skipped[reason] += 1
+            run.data.failed.update(dict(batch.pop("_skipped")))
             step_tokens += int(batch["attention_mask"].sum())
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             losses = self._losses(run, batch)
@@ -343,9 +343,8 @@ class Trainer:
             raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
 
     def _save_state(self, run: StageRun) -> None:
-        save_train_state(
-            run.state_dir, run.model, run.optimizer, run.completed, {"stage": run.st.name, "curve": run.curve}
-        )
+        info = {"stage": run.st.name, "curve": run.curve, "failed": run.data.failed}
+        save_train_state(run.state_dir, run.model, run.optimizer, run.completed, info)
 
     def _finish_stage(self, run: StageRun) -> dict:
         st = run.st

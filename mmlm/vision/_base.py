@@ -11,6 +11,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from mmlm.images import to_rgb
+
 
 class EncoderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
@@ -27,8 +29,7 @@ class ImageTransform:
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[resample]
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         h, w = self.size
         if image.size != (w, h):
             image = image.resize((w, h), self.resample)
