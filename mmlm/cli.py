@@ -106,11 +106,17 @@ def train_cmd(
 ):
     """Train the stages a pipeline YAML declares; each stage ends in a checkpoint."""
     _quiet()
+    import signal
+
     from mmlm.config import load_config
     from mmlm.errors import ConfigError, RunExists, SampleError
     from mmlm.train.progress import ConsoleReporter
     from mmlm.train.runner import train
 
+    def on_sigterm(signum, frame):  # what schedulers send before preemption: stop as Ctrl-C does
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         # without --out the run folder is runs/NAME, which is also what ${out} resolves to
         cfg = load_config(config, set_ or [], variables={"out": str(out)} if out else None)
@@ -118,6 +124,11 @@ def train_cmd(
         train(cfg, out, stage=stage, resume=resume, reporter=ConsoleReporter())
     except (ConfigError, RunExists, SampleError, FileNotFoundError) as err:
         _fail(err)
+    except KeyboardInterrupt as err:
+        from rich.markup import escape
+
+        err_console.print(f"[yellow]interrupted:[/] {escape(str(err) or 'before training started')}", soft_wrap=True)
+        raise typer.Exit(130) from None
     console.print(f"checkpoint: {out / 'final'}")
 
 

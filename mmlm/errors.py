@@ -83,5 +83,9 @@ class RunExists(RuntimeError):
     """``--out`` already holds a run and ``--resume`` was not given."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a stage; the message says what was saved and how to continue."""
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised by ``stop_after`` (tests and tools simulating a kill after a number of steps)."""

@@ -32,7 +32,7 @@ from mmlm.checkpoint import load
 from mmlm.config import PipelineConfig, StageConfig
 from mmlm.data.dataset import StageDataset
 from mmlm.data.sources import read_source
-from mmlm.errors import ConfigError, RunExists, TrainingInterrupted
+from mmlm.errors import ConfigError, RunExists, TrainingInterrupted, TrainingStopped
 from mmlm.evaluate import evaluate
 from mmlm.model import build
 from mmlm.objectives import Objective, StepInfo, build_objectives
@@ -207,10 +207,17 @@ class Trainer:
                 self._optimizer_step(run, step)
                 self._after_step(run, step + 1)
         except BaseException as err:
-            # an error or Ctrl-C loses nothing: keep the last completed step (a micro-batch in
-            # flight is dropped; its gradients were never applied)
+            # an error, Ctrl-C or SIGTERM loses nothing: keep the last completed step (a micro-batch
+            # in flight is dropped; its gradients were never applied)
             if run.start < run.completed < run.total and not isinstance(err, TrainingInterrupted):
                 self._save_state(run)
+            if isinstance(err, KeyboardInterrupt) and not isinstance(err, TrainingStopped):
+                saved = run.completed if run.completed > run.start else run.start
+                where = f"state saved in {run.state_dir} at step {saved}" if saved else "no step was completed"
+                raise TrainingStopped(
+                    f"stage {st.name} stopped at step {run.completed} of {run.total}; {where}; "
+                    "continue with the same command and --resume"
+                ) from err
             raise
         return self._finish_stage(run)
 
