@@ -44,15 +44,35 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     save_file(dedup(tensors), str(path), metadata=metadata)
 
 
+def _remove(p: Path) -> None:
+    if p.is_symlink() or p.is_file():
+        p.unlink()
+    else:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _siblings(target: Path, kind: str) -> list[Path]:
+    """``.NAME.KIND-*`` siblings of ``target``, oldest first (names end in a monotonic clock)."""
+    found = target.parent.glob(f".{target.name}.{kind}-*")
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]) if p.name.rsplit("-", 1)[-1].isdigit() else 0)
+
+
 class atomic_dir:
-    """Context manager: write into a temporary sibling directory, then move it into place."""
+    """Context manager: write into a temporary sibling directory, then move it into place.
+
+    The swap is three renames: ``.NAME.tmp-*`` (being written) -> ``.NAME.new-*`` (complete) ->
+    ``NAME``, the previous ``NAME`` going to ``.NAME.old-*`` and then away. A process killed at any
+    point leaves enough on disk for ``recover`` to put the newest complete version in place."""
 
     def __init__(self, target):
         self.target = Path(target)
 
+    def _name(self, kind: str) -> Path:
+        return self.target.parent / f".{self.target.name}.{kind}-{os.getpid()}-{time.monotonic_ns()}"
+
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.target.parent / f".{self.target.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+        self.tmp = self._name("tmp")
         self.tmp.mkdir()
         return self.tmp
 
@@ -60,14 +80,30 @@ class atomic_dir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
+        new = self._name("new")
+        os.replace(self.tmp, new)
         old = None
         if self.target.exists() or self.target.is_symlink():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+            old = self._name("old")
             os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
+        os.replace(new, self.target)
         if old is not None:
-            if old.is_symlink() or old.is_file():
-                old.unlink()
-            else:
-                shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         return False
+
+
+def recover(target) -> bool:
+    """After a kill: put the newest complete version of ``target`` in place (a ``.new-*`` one, else
+    the previous ``NAME`` kept as ``.old-*``) and remove every leftover of interrupted writes.
+    Returns whether ``target`` exists afterwards. Only the run's owner may call it."""
+    target = Path(target)
+    new, old = _siblings(target, "new"), _siblings(target, "old")
+    if new:
+        if target.exists() or target.is_symlink():
+            _remove(target)
+        os.replace(new[-1], target)
+    elif old and not (target.exists() or target.is_symlink()):
+        os.replace(old[-1], target)
+    for p in _siblings(target, "new") + _siblings(target, "old") + _siblings(target, "tmp"):
+        _remove(p)
+    return target.exists()

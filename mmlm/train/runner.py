@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from mmlm.evaluate import evaluate
 from mmlm.model import build
 from mmlm.objectives import Objective, StepInfo, build_objectives
 from mmlm.registry import OBJECTIVES
+from mmlm.storage import recover
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
 from mmlm.train.schedule import lr_factor
@@ -65,6 +67,9 @@ class Silent:
 
     def stage_end(self, *a, **k):
         pass
+
+
+_LEFTOVER = re.compile(r"^\.(.+)\.(?:tmp|new|old)-\d+-\d+$")  # what atomic_dir leaves when killed
 
 
 def _stage_dir(out: Path, name: str) -> Path:
@@ -137,9 +142,20 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
             marker.write_text(self.cfg.to_yaml())
+        if resume:
+            self._recover()
         mfile = self.out / "metrics.json"
         if resume and mfile.is_file():
             self.metrics = json.loads(mfile.read_text())
+
+    def _recover(self) -> None:
+        """Finish or undo the writes a kill interrupted (``storage.recover``) in the run folder."""
+        for folder in (self.out, self.out / "stages", self.out / "state"):
+            if not folder.is_dir():
+                continue
+            names = {m.group(1) for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))}
+            for name in sorted(names):
+                recover(folder / name)
 
     def tokenizer_texts(self) -> list[str]:
         """What a from-scratch tokenizer must cover: every text the stages' records carry and every
@@ -191,11 +207,13 @@ class Trainer:
                     model = self._initial_model()
             self.run_stage(model, st, idx, resume)
             last = ck
-        if last is not None:
-            final = self.out / "final"
-            if final.is_symlink() or final.exists():
-                final.unlink() if final.is_symlink() else shutil.rmtree(final)
-            final.symlink_to(Path("stages") / last.name)
+        if last is not None:  # OUT/final -> stages/LAST, swapped atomically
+            final, link = self.out / "final", self.out / ".final.link"
+            if final.exists() and not final.is_symlink():
+                shutil.rmtree(final)
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path("stages") / last.name)
+            os.replace(link, final)
         if model is None and last is not None:
             model = load(last)
         return model
