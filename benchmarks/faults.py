@@ -126,7 +126,7 @@ def campaign(work: Path, kills: int, steps: int, seed: int = 0, log=print) -> di
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kills", type=int, default=20)
-    ap.add_argument("--steps", type=int, default=600, help="steps of the second stage")
+    ap.add_argument("--steps", type=int, default=1500, help="steps of the second stage")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "runs" / "faults"))
     args = ap.parse_args(argv)
