@@ -80,7 +80,8 @@ class CheckpointError(ValueError):
 
 
 class RunExists(RuntimeError):
-    """``--out`` already holds a run and ``--resume`` was not given."""
+    """``--out`` already holds a run and ``--resume`` was not given, another process is training in
+    it, or ``--resume`` was given with a config that differs from the run's."""
 
 
 class TrainingStopped(KeyboardInterrupt):

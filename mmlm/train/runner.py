@@ -22,15 +22,18 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import yaml
 
-from mmlm.checkpoint import load
-from mmlm.config import PipelineConfig, StageConfig
+from mmlm.checkpoint import load, migrate_format1
+from mmlm.config import PipelineConfig, StageConfig, parse_config
 from mmlm.data.dataset import StageDataset
 from mmlm.data.sources import read_source
 from mmlm.errors import ConfigError, RunExists, TrainingInterrupted, TrainingStopped
@@ -67,6 +70,34 @@ class Silent:
 
     def stage_end(self, *a, **k):
         pass
+
+
+# keys a resumed run may change: they do not change what is trained
+HARMLESS = (
+    "train.threads",
+    "train.stages.*.num_workers",
+    "train.stages.*.eval_every",
+    "train.stages.*.save_every",
+    "train.eval.max_questions",
+    "train.eval.batch_size",
+)
+_ABSENT = object()
+
+
+def _flatten(obj, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts and lists -> {"a.b.0.c": value}; list items by index."""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    if not out:
+        out[prefix] = obj  # an empty dict or list is a value too
+    return out
 
 
 _LEFTOVER = re.compile(r"^\.(.+)\.(?:tmp|new|old)-\d+-\d+$")  # what atomic_dir leaves when killed
@@ -135,18 +166,74 @@ class Trainer:
         self.metrics: dict[str, Any] = {}
 
     # -------------------------------------------------------------------------------- setup
+    def _check_inputs(self, stage: str | None) -> None:
+        """What can be checked before anything is written to ``--out``: the stage asked for and every
+        data source (files exist and parse)."""
+        if stage is not None:
+            self.cfg.stage(stage)  # raises naming the valid stages
+        for i, st in enumerate(self.cfg.train.stages):
+            load_records(st.data, f"train.stages.{i}.data", self._cache)
+        if self.cfg.train.eval is not None:
+            load_records(self.cfg.train.eval.data, "train.eval.data", self._cache)
+
+    def _lock(self) -> None:
+        """An exclusive lock on ``OUT/.lock`` for the life of this process's run (released by the OS
+        if the process dies); a second run into the same folder is refused naming the holder."""
+        import fcntl
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        f = open(self.out / ".lock", "a+")  # held open until the run ends
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunExists(
+                f"{self.out} is in use by {holder}; wait for it to finish or choose another --out"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)})\n")
+        f.flush()
+        self._lock_file = f
+
+    def _unlock(self) -> None:
+        f = getattr(self, "_lock_file", None)
+        if f is not None:
+            f.close()  # closing the descriptor releases the lock
+            self._lock_file = None
+
     def _check_out(self, resume: bool) -> None:
         marker = self.out / "config.yaml"
         if marker.is_file() and not resume:
             raise RunExists(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
-        self.out.mkdir(parents=True, exist_ok=True)
         if not marker.is_file():
             marker.write_text(self.cfg.to_yaml())
         if resume:
             self._recover()
+            self._compare_config(marker)
         mfile = self.out / "metrics.json"
         if resume and mfile.is_file():
             self.metrics = json.loads(mfile.read_text())
+
+    def _compare_config(self, marker: Path) -> None:
+        """``--resume`` continues the run its folder holds: a config that differs is refused with the
+        differing keys, except the keys that do not change what is trained (``HARMLESS``), which are
+        taken and recorded in ``config.yaml``."""
+        raw, _, _ = migrate_format1(yaml.safe_load(marker.read_text()))
+        before, now = _flatten(parse_config(raw).to_dict()), _flatten(self.cfg.to_dict())
+        changed = sorted(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
+        harmful = [k for k in changed if not any(fnmatchcase(k, p) for p in HARMLESS)]
+        if harmful:
+            shown = "; ".join(f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in harmful[:8])
+            raise RunExists(
+                f"{self.out} holds a run with another config ({len(harmful)} key(s) differ: {shown}); "
+                "resume with the run's own config, or start a new run in another --out"
+            )
+        if changed:
+            marker.write_text(self.cfg.to_yaml())
+            log.warning("resuming %s with new values for %s", self.out, ", ".join(changed))
 
     def _recover(self) -> None:
         """Finish or undo the writes a kill interrupted (``storage.recover``) in the run folder."""
@@ -183,11 +270,19 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- run
     def run(self, stage: str | None = None, resume: bool = False, model=None):
-        if self.cfg.train.threads:
-            torch.set_num_threads(self.cfg.train.threads)
-        self._check_out(resume)
-        if stage is not None:
-            self.cfg.stage(stage)  # raises naming the valid stages
+        self._check_inputs(stage)
+        self._lock()
+        threads = torch.get_num_threads()
+        try:
+            if self.cfg.train.threads:  # for this run only: the caller's setting comes back after it
+                torch.set_num_threads(self.cfg.train.threads)
+            self._check_out(resume)
+            return self._run_stages(stage, resume, model)
+        finally:
+            torch.set_num_threads(threads)
+            self._unlock()
+
+    def _run_stages(self, stage: str | None, resume: bool, model):
         given, model, last = model, None, None
         for idx, st in enumerate(self.cfg.train.stages):
             ck = _stage_dir(self.out, st.name)
