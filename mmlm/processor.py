@@ -21,6 +21,7 @@ from mmlm.llm import CHAT_MARKERS
 from mmlm.modalities import MODALITIES
 
 IGNORE_INDEX = -100
+_CONTENT_MARK = "\x00mmlm-assistant-content\x00"  # locates an assistant turn's content in the template output
 
 
 @dataclass
@@ -102,14 +103,23 @@ class Processor:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _template_segments(self, messages, add_generation_prompt):
-        """Use the tokenizer's own template; assistant spans are found by rendering prefixes, so
-        the supervised text is exactly what the template writes for that turn (end-of-turn included)."""
+        """Use the tokenizer's own template. Each assistant turn is located by rendering the
+        conversation up to it with a marker as its content: everything the template writes before the
+        content (a system prompt it injects, the turn header) is context, and the supervised text is
+        exactly the content and what the template closes the turn with, whatever the first role."""
         segs: list[tuple[str, bool]] = []
         done = ""
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self._render(messages[:i], add_generation_prompt=True)
+            probe = self._render([*messages[:i], {**m, "content": _CONTENT_MARK}], add_generation_prompt=False)
+            if probe.count(_CONTENT_MARK) != 1:
+                raise SampleError(
+                    "the tokenizer's chat template does not write an assistant turn's content verbatim, so it "
+                    "cannot be located; set processor.chat_template: builtin",
+                    "bad template",
+                )
+            before = probe[: probe.index(_CONTENT_MARK)]
             through = self._render(messages[: i + 1], add_generation_prompt=False)
             if not before.startswith(done) or not through.startswith(before):
                 raise SampleError(

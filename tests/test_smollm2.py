@@ -69,7 +69,34 @@ def test_processor_uses_the_models_own_chat_template(pipeline):
     assert "<|im_start|>" in rendered
     assert model.tokenizer.decode(enc.input_ids) == rendered
     supervised = [t for t, lab in zip(enc.input_ids, enc.labels, strict=False) if lab != -100]
-    assert model.tokenizer.decode(supervised).startswith("red<|im_end|>")
+    assert model.tokenizer.decode(supervised) == "red<|im_end|>\n"
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        [{"role": "user", "content": "what color is the circle?"}],
+        [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "what color?"}],
+        [],  # the conversation opens with the assistant: the template injects its own system prompt
+    ],
+    ids=["user", "system", "assistant"],
+)
+def test_only_assistant_content_and_end_of_turn_are_supervised(pipeline, first):
+    from mmlm.config import ProcessorConfig
+    from mmlm.processor import Processor
+
+    _, model = pipeline
+    proc = Processor(model.tokenizer, model.processor.media, ProcessorConfig())  # no system_prompt of ours
+    msgs = [
+        *first,
+        {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "and the square?"},
+        {"role": "assistant", "content": "blue square"},
+    ]
+    enc = proc.encode(msgs)
+    assert model.tokenizer.decode(enc.input_ids) == model.tokenizer.apply_chat_template(msgs, tokenize=False)
+    supervised = [t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != -100]
+    assert model.tokenizer.decode(supervised) == "red<|im_end|>\nblue square<|im_end|>\n"
 
 
 def test_twenty_step_alignment_lowers_the_loss(pipeline, tmp_path):
