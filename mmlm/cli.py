@@ -184,7 +184,8 @@ def _print_table(title: str, m: dict) -> None:
     t.add_column("n", justify="right")
     t.add_column("accuracy", justify="right")
     for k, v in m["by_type"].items():
-        t.add_row(k, str(m.get("n_by_type", {}).get(k, "")), f"{v:.3f}")
+        if k != "all":  # questions without a type are counted in the "all" row alone
+            t.add_row(k, str(m.get("n_by_type", {}).get(k, "")), f"{v:.3f}")
     t.add_row("[bold]all[/]", str(m["n_eval"]), f"[bold]{m['vqa_accuracy']:.3f}[/]")
     console.print(t)
 
@@ -194,7 +195,7 @@ def eval_cmd(
     checkpoint: Path,
     data: Path = typer.Option(..., help="LLaVA JSON/JSONL or questions JSONL"),
     image_root: Path | None = typer.Option(None, help="folder the image paths are relative to"),
-    out: Path | None = typer.Option(None, help="write metrics JSON here"),
+    out: Path | None = typer.Option(None, help="write metrics JSON here, with every prediction"),
     max_questions: int | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
@@ -214,7 +215,14 @@ def eval_cmd(
     ds = StageDataset(recs, model.processor, "skip", name=str(data))
     if ds.skipped:
         console.print(f"skipped {sum(ds.skipped.values())} samples: {dict(ds.skipped)}")
-    m = evaluate(model, ds, max_questions=max_questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    m = evaluate(
+        model,
+        ds,
+        max_questions=max_questions,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        return_predictions=out is not None,
+    )
     if m["skipped"]:
         console.print(f"left out {sum(m['skipped'].values())} samples whose images cannot be read: {m['skipped']}")
     _print_table(f"{checkpoint} on {data}", m)

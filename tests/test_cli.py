@@ -135,3 +135,49 @@ def test_eval_counts_every_question_and_writes_metrics(shapes_dir, tmp_path):
     assert m["n_eval"] == n
     assert set(m["by_type"]) == {"color", "shape", "count", "position", "exists"}
     assert sum(m["n_by_type"].values()) == n
+    preds = m["predictions"]
+    assert len(preds) == n and {p["type"] for p in preds} == set(m["by_type"])
+    assert sum(p["correct"] for p in preds) == round(m["vqa_accuracy"] * n)
+    # questions without a type: one "all" row, not two
+    untyped = tmp_path / "untyped.jsonl"
+    untyped.write_text(
+        "".join(
+            json.dumps({k: v for k, v in json.loads(line).items() if k != "type"}) + "\n"
+            for line in qfile.read_text().splitlines()[:5]
+        )
+    )
+    r = runner.invoke(
+        app, ["eval", str(tmp_path / "run" / "final"), "--data", str(untyped), "--image-root", str(shapes_dir)]
+    )
+    assert r.exit_code == 0, r.output
+    assert [line.split()[1] for line in r.output.splitlines() if "│ all" in line] == ["all"]
+
+
+def test_stage_runs_one_stage_into_an_existing_run(shapes_dir, tmp_path):
+    raw = tiny_raw(str(shapes_dir), n=24, steps=2)
+    for st in raw["train"]["stages"]:
+        st["data"][0]["seed"] = 9
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    assert runner.invoke(app, ["train", str(f), "--out", str(tmp_path / "run")]).exit_code == 0
+    before = (tmp_path / "run" / "stages" / "align" / "model.safetensors").read_bytes()
+    r = runner.invoke(
+        app, ["train", str(f), "--out", str(tmp_path / "run"), "--stage", "instruct", "--set", "train.threads=1"]
+    )
+    assert r.exit_code == 0, r.output
+    assert "stage instruct" in r.output and "stage align" not in r.output
+    assert (tmp_path / "run" / "stages" / "align" / "model.safetensors").read_bytes() == before
+    r = runner.invoke(
+        app,
+        [
+            "train",
+            str(f),
+            "--out",
+            str(tmp_path / "run"),
+            "--stage",
+            "instruct",
+            "--set",
+            "train.stages.instruct.lr=0.5",
+        ],
+    )
+    assert r.exit_code == 2 and "train.stages.1.lr: 0.001 -> 0.5" in r.output

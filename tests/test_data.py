@@ -110,3 +110,21 @@ def test_bad_samples_error_names_index_or_are_skipped_and_counted(tmp_path):
     with pytest.raises(SampleError, match="cannot be decoded") as e:
         ds2.load(0)
     assert e.value.reason == "corrupt image"
+
+
+def test_rows_that_are_not_conversations_are_bad_samples_not_crashes(tmp_path):
+    rows = [
+        1,
+        {"conversations": []},
+        {"conversations": [["human", "hi"]]},
+        {"images": [{"path": "a.png"}], "conversations": [{"from": "human", "value": "<image>hi"}]},
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    recs = read_llava(LlavaOptions(path=str(tmp_path / "d.json")))
+    model = build(tiny_config(), texts=TEXTS)
+    ds = StageDataset(recs, model.processor, "skip")
+    assert len(ds) == 1 and ds.skipped == {"bad format": 4}
+    with pytest.raises(SampleError) as err:
+        StageDataset(recs, model.processor, "error")
+    assert "sample 0" in str(err.value) and "JSON object, not int" in str(err.value)

@@ -49,6 +49,8 @@ def _strings(obj) -> list[str]:
 def llava_messages(conversations: list[dict], has_image: bool, where: str) -> list[dict]:
     msgs = []
     for k, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise SampleError(f"{where}: turn {k} must be an object with 'from' and 'value'", "bad format")
         role = ROLE_OF.get(turn.get("from", turn.get("role")))
         if role is None:
             raise SampleError(

@@ -46,10 +46,17 @@ def _read_json_rows(path: Path) -> list[dict]:
 
 def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -> Record:
     where = f"{source}[{index}]"
+    if not isinstance(row, dict):
+        raise SampleError(f"{where}: a row must be a JSON object, not {type(row).__name__}", "bad format", index)
     images = row.get("image", row.get("images", []))
     images = [images] if isinstance(images, str) else list(images or [])
+    if any(not isinstance(p, str) for p in images):
+        raise SampleError(f"{where}: 'image'/'images' must be file paths (strings)", "bad format", index)
     if "conversations" in row or "messages" in row:
-        msgs = llava_messages(row.get("conversations") or row.get("messages"), bool(images), where)
+        turns = row.get("conversations", row.get("messages"))
+        if not isinstance(turns, list) or not turns:
+            raise SampleError(f"{where}: 'conversations' must be a non-empty list of turns", "bad format", index)
+        msgs = llava_messages(turns, bool(images), where)
         info = {k: row[k] for k in ("question_types",) if k in row}
     elif "question" in row:
         q = row["question"]

@@ -276,7 +276,8 @@ class Trainer:
         try:
             if self.cfg.train.threads:  # for this run only: the caller's setting comes back after it
                 torch.set_num_threads(self.cfg.train.threads)
-            self._check_out(resume)
+            # --stage continues the run the folder holds (the same checks as --resume), running that stage
+            self._check_out(resume or stage is not None)
             return self._run_stages(stage, resume, model)
         finally:
             torch.set_num_threads(threads)
