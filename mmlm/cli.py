@@ -136,12 +136,12 @@ def train_cmd(
 def ask_cmd(
     checkpoint: Path,
     question: str,
-    image: Path | None = typer.Option(None, help="image file"),
+    image: list[Path] | None = typer.Option(None, help="image file (repeat for several, in order)"),
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     stream: bool = False,
 ):
-    """Answer one question about an image with a trained checkpoint."""
+    """Answer one question about images (or none) with a trained checkpoint."""
     _quiet()
     from mmlm.checkpoint import load
     from mmlm.errors import SampleError
@@ -151,31 +151,32 @@ def ask_cmd(
         model = load(checkpoint)
     except FileNotFoundError as err:
         _fail(err)
-    img = None
-    if image is not None:
+    img = []
+    for path in image or []:
         try:
-            img = load_image(image, model.processor.config.max_image_pixels)
+            img.append(load_image(path, model.processor.config.max_image_pixels))
         except SampleError as err:
             _fail(ValueError(f"--image: {err}"))
-    if stream:
-        ids: list[int] = []
-        shown = ""
+    ids: list[int] = []
+    shown = ""
 
-        def emit(step, toks):  # print what the answer's text gained with this token
-            nonlocal shown
-            if toks[0] >= 0:
-                ids.append(toks[0])
-                text = model.processor.decode(ids)
-                if text.startswith(shown):
-                    sys.stdout.write(text[len(shown) :])
-                    sys.stdout.flush()
-                    shown = text
+    def emit(step, toks):  # --stream: print what the answer's text gained with this token
+        nonlocal shown
+        if toks[0] >= 0:
+            ids.append(toks[0])
+            text = model.processor.decode(ids)
+            if text.startswith(shown):
+                sys.stdout.write(text[len(shown) :])
+                sys.stdout.flush()
+                shown = text
 
-        answer = model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit)
-        sys.stdout.write(answer[len(shown) :] if answer.startswith(shown) else "")
-        print()
-    else:
-        print(model.ask(question, img, max_new_tokens=max_new_tokens, temperature=temperature))
+    try:
+        answer = model.ask(
+            question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit if stream else None
+        )
+    except (ValueError, SampleError) as err:  # placeholder count, an over-long question
+        _fail(err)
+    print(answer[len(shown) :] if answer.startswith(shown) else answer)
 
 
 def _print_table(title: str, m: dict) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from torch import nn
 from mmlm.config import PipelineConfig
 from mmlm.connectors import build_connector
 from mmlm.errors import PlaceholderMismatch
+from mmlm.images import load_image
 from mmlm.llm import load_llm
 from mmlm.modalities import IMAGE_PLACEHOLDER
 from mmlm.processor import MediaSpec, Processor
@@ -207,14 +209,29 @@ class MultimodalLM(nn.Module):
             self.train(was_training)
 
     def chat(self, messages: list[dict], media: dict | None = None, **kw) -> str:
-        batch = self.processor([messages], [media or {}], add_generation_prompt=True)
+        """Answer a conversation; ``media`` maps a modality to its items in order (PIL images or
+        image file paths, read with ``processor.max_image_pixels``)."""
+        limit = self.processor.config.max_image_pixels
+        media = {
+            name: [load_image(p, limit) if isinstance(p, (str, os.PathLike)) else p for p in items]
+            for name, items in (media or {}).items()
+        }
+        batch = self.processor([messages], [media], add_generation_prompt=True)
         return self.processor.decode(self.generate(batch, **kw)[0])
 
     def ask(self, question: str, image=None, **kw) -> str:
-        content = f"{IMAGE_PLACEHOLDER}\n{question}" if image is not None else question
-        return self.chat(
-            [{"role": "user", "content": content}], {"image": [image]} if image is not None else None, **kw
-        )
+        """One question about no image, one, or a list of them (PIL images or file paths, in order).
+        A question without ``<image>`` gets one placeholder per image in front; one that has them
+        must have as many as there are images."""
+        items = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        n = question.count(IMAGE_PLACEHOLDER)
+        if n == 0 and items:
+            question = IMAGE_PLACEHOLDER * len(items) + "\n" + question
+        elif n != len(items):
+            raise ValueError(
+                f"the question has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(items)} image(s) were given"
+            )
+        return self.chat([{"role": "user", "content": question}], {"image": items} if items else None, **kw)
 
     # ------------------------------------------------------------------ checkpoint
     def _from_source(self) -> dict[str, torch.Tensor]:

@@ -147,3 +147,22 @@ def test_ask_with_a_bomb_is_one_line_and_streaming_prints_the_answer(bad_run):
     plain = runner.invoke(app, args).output
     streamed = runner.invoke(app, [*args, "--stream"]).output
     assert plain.strip() and streamed == plain  # a random tiny model still says something
+
+
+def test_ask_takes_several_images_and_reports_a_placeholder_mismatch_in_one_line(bad_run):
+    import mmlm
+
+    cfg, tmp_path = bad_run
+    runner = CliRunner()
+    import torch
+
+    torch.manual_seed(0)
+    build(cfg, texts=TEXTS).save(tmp_path / "ck")
+    imgs = sorted((tmp_path / "shapes" / "images").glob("*.png"))[1:3]
+    args = ["ask", str(tmp_path / "ck"), "--image", str(imgs[0]), "--image", str(imgs[1]), "--max-new-tokens", "4"]
+    r = runner.invoke(app, [*args, "which one is red?"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == mmlm.load(tmp_path / "ck").ask("which one is red?", imgs, max_new_tokens=4)
+    r = runner.invoke(app, [*args, "<image> which one is red?"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "1 <image> placeholder(s) but 2 image(s)" in r.output

@@ -139,3 +139,33 @@ def test_media_position_for_a_missing_encoder_is_a_config_error():
     raw["model"]["media_position"] = {"audio": "learned"}
     with pytest.raises(ConfigError, match="media_position.audio"):
         parse_config(raw)
+
+
+def test_ask_takes_paths_pil_images_and_several_in_order(tmp_path):
+    torch.manual_seed(0)
+    model = build(tiny_config(), texts=TEXTS)
+    a, b = Image.new("RGB", (40, 40), (220, 30, 30)), Image.new("RGB", (40, 40), (30, 30, 220))
+    a.save(tmp_path / "a.png")
+    kw = {"max_new_tokens": 4}
+    assert model.ask("what color?", str(tmp_path / "a.png"), **kw) == model.ask("what color?", a, **kw)
+    two = model.ask("which is red?", [a, b], **kw)
+    assert two == model.ask("<image><image>\nwhich is red?", [a, b], **kw)  # placeholders added in front
+    logits = {}
+    for name, order in (("ab", [a, b]), ("ba", [b, a])):
+        enc = model.processor([[{"role": "user", "content": "<image><image>\nwhich is red?"}]], [{"image": order}])
+        with torch.no_grad():
+            logits[name] = model(**model.inputs(enc)).logits[0, -1]
+    assert not torch.allclose(logits["ab"], logits["ba"])  # the order of the images reaches the model
+    with pytest.raises(ValueError, match="2 <image> placeholder"):
+        model.ask("<image><image> which?", [a], **kw)
+
+
+def test_chat_takes_image_paths(tmp_path):
+    torch.manual_seed(0)
+    model = build(tiny_config(), texts=TEXTS)
+    a = Image.new("RGB", (40, 40), (220, 30, 30))
+    a.save(tmp_path / "a.png")
+    msgs = [{"role": "user", "content": "<image>\nwhat color?"}]
+    assert model.chat(msgs, {"image": [tmp_path / "a.png"]}, max_new_tokens=4) == model.chat(
+        msgs, {"image": [a]}, max_new_tokens=4
+    )
