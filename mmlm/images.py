@@ -59,11 +59,11 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
                     )
                 im.load()
                 return to_rgb(im)
+    except SampleError:
+        raise
     except FileNotFoundError:
         raise SampleError(f"image not found: {path}", "missing image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise SampleError(f"image {path} is too large to decode safely: {err}", "image too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, SampleError):
-            raise
         raise SampleError(f"image {path} cannot be decoded: {err}", "corrupt image") from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -90,6 +91,18 @@ class atomic_dir:
         if old is not None:
             _remove(old)
         return False
+
+
+_LEFTOVER = re.compile(r"^\.(.+)\.(?:tmp|new|old)-\d+-\d+$")  # atomic_dir's sibling names, see _name
+
+
+def recover_folder(folder) -> None:
+    """``recover`` every target in ``folder`` that an interrupted ``atomic_dir`` left siblings of."""
+    folder = Path(folder)
+    if folder.is_dir():
+        names = {m.group(1) for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))}
+        for name in sorted(names):
+            recover(folder / name)
 
 
 def recover(target) -> bool:

@@ -39,7 +39,7 @@ def test_a_second_process_cannot_train_into_a_locked_folder(shapes, tmp_path):
             sys.executable,
             "-c",
             "import sys, time; from mmlm.config import load_config; from mmlm.train.runner import Trainer\n"
-            f"t = Trainer(load_config({str(tmp_path / 'cfg.yaml')!r}), {str(tmp_path / 'run')!r}); t._lock()\n"
+            f"t = Trainer(load_config({str(tmp_path / 'cfg.yaml')!r}), {str(tmp_path / 'run')!r}); t.folder.lock()\n"
             "print('locked', flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

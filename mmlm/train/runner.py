@@ -1,13 +1,5 @@
-"""Run the stages a pipeline config declares, in order, on accelerate.
-
-Layout of a run directory::
-
-    OUT/config.yaml          the resolved config of the run
-    OUT/init/                the model as built before any stage (so a resumed run starts identically)
-    OUT/state/STAGE/         the last saved step of an unfinished stage (weights, optimizer, step)
-    OUT/stages/STAGE/        each finished stage's checkpoint
-    OUT/final -> stages/LAST
-    OUT/metrics.json         per-stage summaries, evaluation and accuracy curve
+"""Run the stages a pipeline config declares, in order, on accelerate, into a run folder
+(``run_folder.py`` has its layout, lock and resume checks).
 
 A stage is: its batches by position (``batches.py``), the objectives it lists (``mmlm/objectives``),
 one optimizer step after another (``_optimizer_step``), evaluation every ``eval_every`` steps, and a
@@ -19,31 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import re
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import yaml
 
-from mmlm.checkpoint import load, migrate_format1
-from mmlm.config import PipelineConfig, StageConfig, parse_config
+from mmlm.checkpoint import load
+from mmlm.config import PipelineConfig, StageConfig
 from mmlm.data.dataset import StageDataset
 from mmlm.data.sources import read_source
-from mmlm.errors import ConfigError, RunExists, TrainingInterrupted, TrainingStopped
+from mmlm.errors import ConfigError, TrainingInterrupted, TrainingStopped
 from mmlm.evaluate import evaluate
 from mmlm.model import build
 from mmlm.objectives import Objective, StepInfo, build_objectives
 from mmlm.registry import OBJECTIVES
-from mmlm.storage import recover
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
+from mmlm.train.run_folder import RunFolder, is_checkpoint
 from mmlm.train.schedule import lr_factor
 from mmlm.train.seeds import derive_seed
 from mmlm.train.state import load_train_state, save_train_state
@@ -70,45 +57,6 @@ class Silent:
 
     def stage_end(self, *a, **k):
         pass
-
-
-# keys a resumed run may change: they do not change what is trained
-HARMLESS = (
-    "train.threads",
-    "train.stages.*.num_workers",
-    "train.stages.*.eval_every",
-    "train.stages.*.save_every",
-    "train.eval.max_questions",
-    "train.eval.batch_size",
-)
-_ABSENT = object()
-
-
-def _flatten(obj, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts and lists -> {"a.b.0.c": value}; list items by index."""
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for k, v in items:
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    if not out:
-        out[prefix] = obj  # an empty dict or list is a value too
-    return out
-
-
-_LEFTOVER = re.compile(r"^\.(.+)\.(?:tmp|new|old)-\d+-\d+$")  # what atomic_dir leaves when killed
-
-
-def _stage_dir(out: Path, name: str) -> Path:
-    return out / "stages" / name
-
-
-def _is_checkpoint(p: Path) -> bool:
-    return (p / "mmlm.yaml").is_file() and (p / "model.safetensors").is_file()
 
 
 def load_records(sources, where: str, cache: dict) -> list:
@@ -158,7 +106,7 @@ class Trainer:
             raise ConfigError("the config has no 'train' section", "train")
         self.cfg = cfg
         self.seed = cfg.train.seed
-        self.out = Path(out)
+        self.folder = RunFolder(out)
         self.reporter = reporter or Silent()
         self.stop_after = stop_after  # simulate a kill after this many optimizer steps in this call
         self.steps_this_call = 0
@@ -176,74 +124,6 @@ class Trainer:
         if self.cfg.train.eval is not None:
             load_records(self.cfg.train.eval.data, "train.eval.data", self._cache)
 
-    def _lock(self) -> None:
-        """An exclusive lock on ``OUT/.lock`` for the life of this process's run (released by the OS
-        if the process dies); a second run into the same folder is refused naming the holder."""
-        import fcntl
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        f = open(self.out / ".lock", "a+")  # held open until the run ends
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another process"
-            f.close()
-            raise RunExists(
-                f"{self.out} is in use by {holder}; wait for it to finish or choose another --out"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"process {os.getpid()} (started {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)})\n")
-        f.flush()
-        self._lock_file = f
-
-    def _unlock(self) -> None:
-        f = getattr(self, "_lock_file", None)
-        if f is not None:
-            f.close()  # closing the descriptor releases the lock
-            self._lock_file = None
-
-    def _check_out(self, resume: bool) -> None:
-        marker = self.out / "config.yaml"
-        if marker.is_file() and not resume:
-            raise RunExists(f"{self.out} already holds a run; pass --resume to continue it, or choose another --out")
-        if not marker.is_file():
-            marker.write_text(self.cfg.to_yaml())
-        if resume:
-            self._recover()
-            self._compare_config(marker)
-        mfile = self.out / "metrics.json"
-        if resume and mfile.is_file():
-            self.metrics = json.loads(mfile.read_text())
-
-    def _compare_config(self, marker: Path) -> None:
-        """``--resume`` continues the run its folder holds: a config that differs is refused with the
-        differing keys, except the keys that do not change what is trained (``HARMLESS``), which are
-        taken and recorded in ``config.yaml``."""
-        raw, _, _ = migrate_format1(yaml.safe_load(marker.read_text()))
-        before, now = _flatten(parse_config(raw).to_dict()), _flatten(self.cfg.to_dict())
-        changed = sorted(k for k in before.keys() | now.keys() if before.get(k, _ABSENT) != now.get(k, _ABSENT))
-        harmful = [k for k in changed if not any(fnmatchcase(k, p) for p in HARMLESS)]
-        if harmful:
-            shown = "; ".join(f"{k}: {before.get(k, '(absent)')!r} -> {now.get(k, '(absent)')!r}" for k in harmful[:8])
-            raise RunExists(
-                f"{self.out} holds a run with another config ({len(harmful)} key(s) differ: {shown}); "
-                "resume with the run's own config, or start a new run in another --out"
-            )
-        if changed:
-            marker.write_text(self.cfg.to_yaml())
-            log.warning("resuming %s with new values for %s", self.out, ", ".join(changed))
-
-    def _recover(self) -> None:
-        """Finish or undo the writes a kill interrupted (``storage.recover``) in the run folder."""
-        for folder in (self.out, self.out / "stages", self.out / "state"):
-            if not folder.is_dir():
-                continue
-            names = {m.group(1) for p in folder.iterdir() if (m := _LEFTOVER.match(p.name))}
-            for name in sorted(names):
-                recover(folder / name)
-
     def tokenizer_texts(self) -> list[str]:
         """What a from-scratch tokenizer must cover: every text the stages' records carry and every
         word their objectives feed the LLM."""
@@ -256,8 +136,8 @@ class Trainer:
         return texts
 
     def _initial_model(self):
-        init = self.out / "init"
-        if _is_checkpoint(init):
+        init = self.folder.init
+        if is_checkpoint(init):
             return load(init)
         texts = self.tokenizer_texts()
         torch.manual_seed(derive_seed(self.seed, 0, 0, "init"))
@@ -271,24 +151,24 @@ class Trainer:
     # -------------------------------------------------------------------------------- run
     def run(self, stage: str | None = None, resume: bool = False, model=None):
         self._check_inputs(stage)
-        self._lock()
+        self.folder.lock()
         threads = torch.get_num_threads()
         try:
             if self.cfg.train.threads:  # for this run only: the caller's setting comes back after it
                 torch.set_num_threads(self.cfg.train.threads)
             # --stage continues the run the folder holds (the same checks as --resume), running that stage
-            self._check_out(resume or stage is not None)
+            self.metrics = self.folder.open(self.cfg, continuing=resume or stage is not None)
             return self._run_stages(stage, resume, model)
         finally:
             torch.set_num_threads(threads)
-            self._unlock()
+            self.folder.unlock()
 
     def _run_stages(self, stage: str | None, resume: bool, model):
         given, model, last = model, None, None
         for idx, st in enumerate(self.cfg.train.stages):
-            ck = _stage_dir(self.out, st.name)
+            ck = self.folder.stage(st.name)
             selected = stage is None or st.name == stage
-            if _is_checkpoint(ck) and (resume or not selected):
+            if is_checkpoint(ck) and (resume or not selected):
                 last = ck
                 continue
             if not selected:
@@ -296,20 +176,15 @@ class Trainer:
             if model is None:
                 if last is not None:
                     model = load(last)
-                elif given is not None and not _is_checkpoint(self.out / "init"):
+                elif given is not None and not is_checkpoint(self.folder.init):
                     model = given
-                    model.save(self.out / "init")
+                    model.save(self.folder.init)
                 else:
                     model = self._initial_model()
             self.run_stage(model, st, idx, resume)
             last = ck
-        if last is not None:  # OUT/final -> stages/LAST, swapped atomically
-            final, link = self.out / "final", self.out / ".final.link"
-            if final.exists() and not final.is_symlink():
-                shutil.rmtree(final)
-            link.unlink(missing_ok=True)
-            link.symlink_to(Path("stages") / last.name)
-            os.replace(link, final)
+        if last is not None:
+            self.folder.point_final(last.name)
         if model is None and last is not None:
             model = load(last)
         return model
@@ -354,7 +229,7 @@ class Trainer:
         groups = param_groups(model, st.lr, st.lr_groups, st.weight_decay)
         optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.98), eps=1e-8)
         total = st.steps or max(1, math.ceil(st.epochs * len(data) / (st.batch_size * st.grad_accum)))
-        state_dir = self.out / "state" / st.name
+        state_dir = self.folder.state(st.name)
         start, curve = 0, []
         if resume and (state_dir / "state.json").is_file():
             info = load_train_state(state_dir, model, optimizer)
@@ -486,17 +361,12 @@ class Trainer:
             "data": run.data.report(),
             "curve": run.curve,
         }
-        model.save(_stage_dir(self.out, st.name), metrics=summary)
+        model.save(self.folder.stage(st.name), metrics=summary)
         shutil.rmtree(run.state_dir, ignore_errors=True)
         self.metrics.setdefault("stages", {})[st.name] = summary
-        self._write_metrics()
+        self.folder.write_metrics(self.metrics)
         self.reporter.stage_end(st.name, summary)
         return summary
-
-    def _write_metrics(self) -> None:
-        tmp = self.out / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(self.metrics, indent=2))
-        os.replace(tmp, self.out / "metrics.json")
 
 
 def evaluate_quick(model, data: StageDataset, ev) -> dict:
