@@ -1,6 +1,7 @@
 """The run folder: nothing is written before the inputs are checked, one process trains in it at a
 time, and --resume continues only the run it holds."""
 
+import json
 import subprocess
 import sys
 
@@ -58,8 +59,9 @@ def test_a_second_process_cannot_train_into_a_locked_folder(shapes, tmp_path):
 
 def test_resume_refuses_a_changed_config_and_records_harmless_changes(shapes, tmp_path):
     raw = tiny_raw(shapes, n=8, steps=4)
-    with pytest.raises(TrainingInterrupted):
-        train(parse_config(raw), tmp_path / "run", stop_after=5)
+    with pytest.raises(TrainingInterrupted):  # align's 4 steps, then 3 of instruct: its save_every 2 saved step 2
+        train(parse_config(raw), tmp_path / "run", stop_after=7)
+    assert json.loads((tmp_path / "run" / "state" / "instruct" / "state.json").read_text())["step"] == 2
     changed = tiny_raw(shapes, n=8, steps=4)
     changed["train"]["stages"][1]["lr"] = 2e-3
     changed["model"]["connectors"]["image"]["depth"] = 3

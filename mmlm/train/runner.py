@@ -316,7 +316,7 @@ class Trainer:
         self.reporter.step(st.name, step + 1, run.total, run.loss_ema, tps, run.optimizer.param_groups[0]["lr"])
 
     def _after_step(self, run: StageRun, done: int) -> None:
-        """Evaluate, save the state, or stop (``stop_after``) once step ``done`` is complete."""
+        """Evaluate, save the state, or stop (``stop_after``: a simulated kill, saving nothing) after step ``done``."""
         st = run.st
         if run.eval_data is not None and (done % st.eval_every == 0 or done == run.total):
             ev = self.cfg.train.eval
@@ -333,7 +333,7 @@ class Trainer:
             self.reporter.eval(st.name, done, m)
             run.model.train()
         self.steps_this_call += 1
-        if done < run.total and (done % st.save_every == 0 or self.stop_after == self.steps_this_call):
+        if done < run.total and done % st.save_every == 0:
             self._save_state(run)
         if self.stop_after is not None and self.steps_this_call >= self.stop_after and done < run.total:
             raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
