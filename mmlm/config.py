@@ -170,6 +170,7 @@ class TrainConfig(Strict):
     stages: list[StageConfig] = Field(min_length=1)
     eval: EvalConfig | None = None
     threads: int | None = Field(None, gt=0)
+    log_every: int = Field(50, gt=0)  # steps between progress lines; the loss shown is their mean
 
     @model_validator(mode="after")
     def _unique(self):

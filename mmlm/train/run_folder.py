@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # keys a resumed run may change: they do not change what is trained
 HARMLESS = (
     "train.threads",
+    "train.log_every",
     "train.stages.*.num_workers",
     "train.stages.*.eval_every",
     "train.stages.*.save_every",

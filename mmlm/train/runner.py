@@ -30,6 +30,7 @@ from mmlm.objectives import Objective, StepInfo, build_objectives
 from mmlm.registry import OBJECTIVES
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
+from mmlm.train.progress import LossWindow, is_log_step
 from mmlm.train.run_folder import RunFolder, is_checkpoint
 from mmlm.train.schedule import lr_factor
 from mmlm.train.seeds import derive_seed
@@ -94,8 +95,8 @@ class StageRun:
     curve: list = field(default_factory=list)
     completed: int = 0
     tokens_seen: int = 0
-    loss_ema: float | None = None
-    losses_ema: dict[str, float] = field(default_factory=dict)
+    log_every: int = 50
+    window: LossWindow = field(default_factory=LossWindow)  # step losses since the last log step
     t0: float = field(default_factory=time.time)
     last_step_time: float = field(default_factory=time.time)
 
@@ -230,10 +231,11 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.98), eps=1e-8)
         total = st.steps or max(1, math.ceil(st.epochs * len(data) / (st.batch_size * st.grad_accum)))
         state_dir = self.folder.state(st.name)
-        start, curve = 0, []
+        start, curve, window = 0, [], LossWindow()
         if resume and (state_dir / "state.json").is_file():
             info = load_train_state(state_dir, model, optimizer)
             start, curve = info["step"], info.get("curve", [])
+            window.restore(info.get("loss_window", {}))
             data.failed.update({int(i): reason for i, reason in info.get("failed", {}).items()})
         accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
         model.to(accelerator.device)
@@ -241,7 +243,10 @@ class Trainer:
         make_batch = StageBatches(data, st.batch_size, self.seed, st.name, idx, where, st.on_bad_sample)
         batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
         self.reporter.stage_start(
-            st.name, total, start, {"samples": len(data), **data.report(), "trainable": len(names)}
+            st.name,
+            total,
+            start,
+            {"samples": len(data), **data.report(), "trainable": len(names), "log_every": self.cfg.train.log_every},
         )
         return StageRun(
             st=st,
@@ -262,6 +267,8 @@ class Trainer:
             trainable=len(names),
             curve=curve,
             completed=start,
+            log_every=self.cfg.train.log_every,
+            window=window,
         )
 
     def _losses(self, run: StageRun, batch: dict) -> dict[str, torch.Tensor]:
@@ -303,17 +310,16 @@ class Trainer:
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
         parts = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True))
-        step_loss = sum(parts.values())
+        run.window.add(parts)
+        if is_log_step(step + 1, run.total, run.log_every):
+            run.window.close()
         run.completed = step + 1
         run.tokens_seen += step_tokens
         now = time.time()
         tps = step_tokens / max(1e-9, now - run.last_step_time)
         run.last_step_time = now
-        run.loss_ema = step_loss if run.loss_ema is None else 0.9 * run.loss_ema + 0.1 * step_loss
-        for name, value in parts.items():
-            prev = run.losses_ema.get(name)
-            run.losses_ema[name] = value if prev is None else 0.9 * prev + 0.1 * value
-        self.reporter.step(st.name, step + 1, run.total, run.loss_ema, tps, run.optimizer.param_groups[0]["lr"])
+        loss = run.window.last if run.window.last is not None else float("nan")  # the last interval's mean
+        self.reporter.step(st.name, step + 1, run.total, loss, tps, run.optimizer.param_groups[0]["lr"])
 
     def _after_step(self, run: StageRun, done: int) -> None:
         """Evaluate, save the state, or stop (``stop_after``: a simulated kill, saving nothing) after step ``done``."""
@@ -325,7 +331,7 @@ class Trainer:
                 {
                     "step": done,
                     "seconds": round(time.time() - run.t0, 1),
-                    "loss": round(run.loss_ema, 4),
+                    "loss": _rounded(run.window.last),
                     "vqa_accuracy": m["vqa_accuracy"],
                     "by_type": m["by_type"],
                 }
@@ -339,7 +345,7 @@ class Trainer:
             raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
 
     def _save_state(self, run: StageRun) -> None:
-        info = {"stage": run.st.name, "curve": run.curve, "failed": run.data.failed}
+        info = {"stage": run.st.name, "curve": run.curve, "failed": run.data.failed, "loss_window": run.window.state()}
         save_train_state(run.state_dir, run.model, run.optimizer, run.completed, info)
 
     def _finish_stage(self, run: StageRun) -> dict:
@@ -355,8 +361,8 @@ class Trainer:
             "steps": run.total,
             "resumed_from": run.start,
             "seconds": round(wall, 1),
-            "final_loss": round(run.loss_ema, 4) if run.loss_ema is not None else None,
-            "losses": {k: round(v, 4) for k, v in run.losses_ema.items()},
+            "final_loss": _rounded(run.window.last),  # the mean over the last log interval
+            "losses": {k: round(v, 4) for k, v in run.window.last_parts.items()},
             "tokens_per_s": round(run.tokens_seen / max(wall, 1e-9), 1),
             "data": run.data.report(),
             "curve": run.curve,
@@ -367,6 +373,10 @@ class Trainer:
         self.folder.write_metrics(self.metrics)
         self.reporter.stage_end(st.name, summary)
         return summary
+
+
+def _rounded(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def evaluate_quick(model, data: StageDataset, ev) -> dict:
