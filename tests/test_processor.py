@@ -61,12 +61,13 @@ def test_placeholder_expanded_to_num_tokens_and_masked(tok):
     assert len(enc.input_ids) == len(text_only.input_ids) + N_IMG
 
 
-def test_overlong_sample_rejected_with_index_not_truncated(tok):
-    p = make(tok, max_length=20)
+def test_overlong_sample_rejected_with_its_full_length_not_truncated(tok):
+    # the index and file in the message are tested through the trainer (tests/test_train.py)
+    full = len(make(tok).encode(CONV, {"image": [Image.new("RGB", (4, 4))]}).input_ids)
+    assert full > 20
     with pytest.raises(SampleTooLong) as e:
-        p.encode(CONV, {"image": [Image.new("RGB", (4, 4))]}, index=7)
-    assert e.value.index == 7 and "sample 7" in str(e.value)
-    assert e.value.length > 20
+        make(tok, max_length=20).encode(CONV, {"image": [Image.new("RGB", (4, 4))]})
+    assert e.value.length == full and f"{full} tokens" in str(e.value) and "max_length=20" in str(e.value)
 
 
 def test_media_count_mismatch_is_an_error(tok):
