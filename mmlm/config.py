@@ -101,6 +101,10 @@ class ProcessorConfig(Strict):
     padding_side: Literal["left", "right"] = "right"
     chat_template: Literal["auto", "builtin"] = "auto"
     system_prompt: str | None = None
+    # how an image meets the encoder's input size: squash resizes it ignoring its aspect ratio;
+    # pad centres it on a canvas of the encoder's aspect filled with the encoder's mean colour
+    # (LLaVA's expand2square), then resizes; crop keeps the largest centred box of that aspect
+    resize: Literal["squash", "pad", "crop"] = "squash"
 
 
 Schedule = Literal["cosine", "linear", "constant"]

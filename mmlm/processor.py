@@ -171,10 +171,19 @@ class Processor:
                     index,
                 )
             if items:
-                out_media[name] = [it if isinstance(it, torch.Tensor) else spec.transform(it) for it in items]
+                out_media[name] = [self._tensor(name, spec, it) for it in items]
         if len(ids) > self.config.max_length:
             raise SampleTooLong(len(ids), self.config.max_length, index)
         return Encoded(ids, labels, out_media, {k: list(v) for k, v in (meta or {}).items()})
+
+    def _tensor(self, name: str, spec: MediaSpec, item: Any) -> torch.Tensor:
+        """One media item as the encoder takes it; images meet the input size by ``processor.resize``
+        (a tensor is taken as already transformed)."""
+        if isinstance(item, torch.Tensor):
+            return item
+        if name == "image" and self.config.resize != "squash":
+            return spec.transform(item, resize=self.config.resize)
+        return spec.transform(item)
 
     def _tokens(self, messages: Sequence[dict], add_generation_prompt: bool, index: int | None):
         """Input ids (placeholder runs expanded), labels, and the number of placeholders per modality."""

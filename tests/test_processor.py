@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -6,6 +7,7 @@ from mmlm.config import ProcessorConfig
 from mmlm.errors import SampleError, SampleTooLong
 from mmlm.llm import TokenizerSpec, train_tokenizer
 from mmlm.processor import IGNORE_INDEX, MediaSpec, Processor
+from mmlm.vision._base import ImageTransform
 from tests.helpers import TEXTS
 
 N_IMG = 5
@@ -100,3 +102,93 @@ def test_generation_prompt_ends_with_assistant_marker(tok):
     p = make(tok)
     batch = p([{"role": "user", "content": "hello"}], add_generation_prompt=True)
     assert batch["input_ids"][0, -1].item() == tok.convert_tokens_to_ids("<|assistant|>")
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RED, GREEN, BLUE = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+
+
+def _wide() -> Image.Image:
+    """96 x 32: a red left third, a green centre, a blue right third (its halves differ)."""
+    a = np.zeros((32, 96, 3), dtype=np.uint8)
+    a[:, :32, 0] = 255
+    a[:, 32:64, 1] = 255
+    a[:, 64:, 2] = 255
+    return Image.fromarray(a)
+
+
+def _rgb(x: torch.Tensor) -> torch.Tensor:
+    """Normalised pixels back to [0, 1] colours."""
+    return x * torch.tensor(CLIP_STD).view(3, 1, 1) + torch.tensor(CLIP_MEAN).view(3, 1, 1)
+
+
+def _is(x: torch.Tensor, colour, tol=0.02) -> bool:
+    return bool((x - torch.tensor(colour).view(3, *[1] * (x.ndim - 1))).abs().max() < tol)
+
+
+def test_resize_squash_keeps_both_sides_crop_keeps_the_centre_pad_adds_mean_bands():
+    t = ImageTransform((32, 32), CLIP_MEAN, CLIP_STD)
+    squash, crop, pad = (t(_wide(), resize=m) for m in ("squash", "crop", "pad"))
+    assert squash.shape == crop.shape == pad.shape == (3, 32, 32)
+    s = _rgb(squash)
+    assert _is(s[:, :, :8], RED) and _is(s[:, :, 13:19], GREEN) and _is(s[:, :, -8:], BLUE)
+    assert _is(_rgb(crop), GREEN, tol=1e-4)  # the centre third only: no red, no blue anywhere
+    # pad: the image in the middle rows, the mean colour above and below (normalised to ~0)
+    assert pad[:, :8].abs().max() < 0.01 and pad[:, -8:].abs().max() < 0.01
+    mid = _rgb(pad)[:, 14:18]
+    assert _is(mid[:, :, :8], RED) and _is(mid[:, :, -8:], BLUE)
+    assert torch.equal(t(_wide()), squash)  # squash is the default
+
+
+def test_every_resize_mode_on_an_image_of_the_target_aspect_equals_squash():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    t = ImageTransform((32, 32), CLIP_MEAN, CLIP_STD)
+    for mode in ("pad", "crop"):
+        assert torch.equal(t(img, resize=mode), t(img, resize="squash")), mode
+
+
+def test_a_non_square_input_size_pads_and_crops_to_its_own_aspect():
+    a = np.zeros((32, 32, 3), dtype=np.uint8)
+    a[:8] = 255  # a white top quarter
+    t = ImageTransform((16, 32), CLIP_MEAN, CLIP_STD)  # H 16, W 32: wider than the image
+    pad = t(Image.fromarray(a), resize="pad")
+    assert pad.shape == (3, 16, 32)
+    assert pad[:, :, :6].abs().max() < 0.01 and pad[:, :, -6:].abs().max() < 0.01  # bands left and right
+    crop = _rgb(t(Image.fromarray(a), resize="crop"))  # rows 8..24 kept: the white quarter is gone
+    assert crop.shape == (3, 16, 32) and _is(crop, (0.0, 0.0, 0.0), tol=1e-4)
+
+
+def test_processor_resize_reaches_batches_and_ask_and_survives_a_checkpoint(tmp_path, monkeypatch):
+    import mmlm
+    from mmlm.model import build
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    model = build(tiny_config(overrides=["processor.resize=crop"]), texts=TEXTS)
+    enc = model.encoders["image"].preprocess
+    batch = model.processor([{"role": "user", "content": "<image>\nwhat color?"}], {"image": [_wide()]})
+    assert torch.equal(batch["pixel_values"][0], enc(_wide(), resize="crop"))
+    assert not torch.equal(batch["pixel_values"][0], enc(_wide()))
+    seen = []
+    call = ImageTransform.__call__
+    monkeypatch.setattr(
+        ImageTransform, "__call__", lambda self, im, resize="squash": seen.append(resize) or call(self, im, resize)
+    )
+    model.ask("what color is the circle?", _wide(), max_new_tokens=1)
+    assert seen == ["crop"]
+    model.save(tmp_path / "ck")
+    assert mmlm.load(tmp_path / "ck").processor.config.resize == "crop"
+
+
+def test_an_unknown_resize_mode_is_a_config_error_naming_the_key():
+    from mmlm.config import parse_config
+    from mmlm.errors import ConfigError
+    from tests.helpers import tiny_raw
+
+    raw = tiny_raw()
+    assert parse_config(raw).processor.resize == "squash"
+    raw["processor"]["resize"] = "stretch"
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert "processor.resize" in str(err.value) and "'stretch'" in str(err.value)

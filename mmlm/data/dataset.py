@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
+from PIL import Image
+
 from mmlm.data.records import Record, resolve_image
 from mmlm.errors import SampleError
 from mmlm.images import load_image, to_rgb
@@ -52,8 +54,12 @@ class StageDataset:
                 if not p.is_file():
                     raise SampleError(f"image not found: {p}", "missing image")
                 paths.append(p)
-            else:
+            elif isinstance(img, Image.Image):
                 paths.append(img)
+            else:  # found now, not when training draws it
+                raise SampleError(
+                    f"an image is {type(img).__name__}; only file paths and PIL images are read", "unsupported format"
+                )
         n_ph = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in rec.messages)
         if n_ph != len(rec.images):
             raise SampleError(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from mmlm.errors import SampleError
 from mmlm.modalities import IMAGE_PLACEHOLDER, MODALITIES
@@ -46,7 +48,66 @@ def _strings(obj) -> list[str]:
     return []
 
 
-def llava_messages(conversations: list[dict], has_image: bool, where: str) -> list[dict]:
+_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*://|data:)", re.IGNORECASE)  # a URL or a data URL, not a path
+REMOTE_REFUSED = "remote/inline images are not read; download them and give a path"
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def image_ref(value: Any, what: str, where: str) -> str:
+    """A local image path, as rows name one: a path string, a ``file://`` path, or ``{"path": ...}``
+    (relative paths are read under the image root). URLs and inline data are refused, as is any
+    other shape: an "unsupported format" sample error naming ``what`` (``images[0]``)."""
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        value = value["path"]
+    if not isinstance(value, str):
+        raise SampleError(
+            f'{where}: {what} is {_show(value)}; only local image paths are read: a string or {{"path": ...}}',
+            "unsupported format",
+        )
+    if value[:7].lower() == "file://":
+        return unquote(value[7:])
+    if _URL.match(value):
+        raise SampleError(f"{where}: {what} is {_show(value)}: {REMOTE_REFUSED}", "unsupported format")
+    return value
+
+
+def _part_image(part: dict, what: str, where: str) -> str | None:
+    """The image an image part names itself (``image_url.url``; ``image``/``path``/``url`` of a
+    ``{"type": "image"}`` part), or None when it takes the row's next image."""
+    if part["type"] == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise SampleError(f"{where}: {what} has no 'image_url': {{'url': ...}}", "bad format")
+        return image_ref(url, what, where)
+    for key in ("image", "path", "url"):
+        if part.get(key) is not None:
+            return image_ref(part[key], f"{what}.{key}", where)
+    return None
+
+
+def read_conversation(conversations: list, images: list, where: str) -> tuple[list[dict], list]:
+    """Messages with string contents, and the images in the order of their placeholders.
+
+    A turn is ``{"from", "value"}`` (LLaVA / ShareGPT) or ``{"role", "content"}``; a content is a
+    string or a list of OpenAI-style parts: ``{"type": "text", "text"}``, ``{"type": "image"}`` (takes
+    the row's next image) and ``{"type": "image_url", "image_url": {"url": path}}``. Parts are joined
+    with newlines, each image part written as the ``<image>`` placeholder. Each ``<image>`` in a text
+    also takes the row's next image. What cannot be read is a sample error."""
+    pending = list(images)  # the row's images, taken in order by the placeholders
+    ordered: list = []
+    placeholders = 0
+
+    def take(n: int = 1) -> None:
+        nonlocal placeholders
+        placeholders += n
+        for _ in range(min(n, len(pending))):
+            ordered.append(pending.pop(0))
+
     msgs = []
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict):
@@ -54,19 +115,53 @@ def llava_messages(conversations: list[dict], has_image: bool, where: str) -> li
         role = ROLE_OF.get(turn.get("from", turn.get("role")))
         if role is None:
             raise SampleError(
-                f"{where}: turn {k} has 'from'={turn.get('from')!r}; expected human, gpt or system", "bad format"
+                f"{where}: turn {k} has 'from'={turn.get('from', turn.get('role'))!r}; expected human, gpt or system",
+                "bad format",
             )
-        text = turn.get("value", turn.get("content"))
-        if not isinstance(text, str):
+        content = turn.get("value", turn.get("content"))
+        if isinstance(content, str):
+            take(content.count(IMAGE_PLACEHOLDER))
+            msgs.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
             raise SampleError(f"{where}: turn {k} has no text 'value'", "bad format")
-        msgs.append({"role": role, "content": text})
-    if has_image and not any(IMAGE_PLACEHOLDER in m["content"] for m in msgs):
+        pieces = []
+        for j, part in enumerate(content):
+            what = f"turn {k} content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise SampleError(f"{where}: {what} is a text part without a string 'text'", "bad format")
+                take(part["text"].count(IMAGE_PLACEHOLDER))
+                if part["text"]:
+                    pieces.append(part["text"])
+            elif kind in ("image", "image_url"):
+                own = _part_image(part, what, where)
+                if own is None:
+                    take()
+                else:
+                    placeholders += 1
+                    ordered.append(own)
+                pieces.append(IMAGE_PLACEHOLDER)
+            else:
+                raise SampleError(
+                    f"{where}: {what} is {_show(part)}; content parts read: text, image, image_url",
+                    "unsupported format",
+                )
+        msgs.append({"role": role, "content": "\n".join(pieces)})
+    if pending and not placeholders:
         # LLaVA convention: an image with no placeholder goes before the first user turn
         for m in msgs:
             if m["role"] == "user":
                 m["content"] = f"{IMAGE_PLACEHOLDER}\n" + m["content"]
                 break
-    return msgs
+    # images no placeholder took stay, so the up-front check reports the count mismatch
+    return msgs, ordered + pending
+
+
+def llava_messages(conversations: list[dict], has_image: bool, where: str) -> list[dict]:
+    """The messages of ``read_conversation`` alone, for a row with (``has_image``) or without images."""
+    return read_conversation(conversations, [None] if has_image else [], where)[0]
 
 
 def resolve_image(root: Path | None, rel: str) -> Path:

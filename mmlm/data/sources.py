@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mmlm.data.records import Record, llava_messages
+from mmlm.data.records import Record, image_ref, read_conversation
 from mmlm.errors import SampleError
 from mmlm.modalities import IMAGE_PLACEHOLDER
 from mmlm.registry import DATA_FORMATS
@@ -48,15 +48,23 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
     where = f"{source}[{index}]"
     if not isinstance(row, dict):
         raise SampleError(f"{where}: a row must be a JSON object, not {type(row).__name__}", "bad format", index)
-    images = row.get("image", row.get("images", []))
-    images = [images] if isinstance(images, str) else list(images or [])
-    if any(not isinstance(p, str) for p in images):
-        raise SampleError(f"{where}: 'image'/'images' must be file paths (strings)", "bad format", index)
+    key = "image" if "image" in row else "images"
+    listed = row.get(key)
+    listed = [] if listed is None else [listed] if isinstance(listed, (str, dict)) else listed
+    if not isinstance(listed, list):
+        raise SampleError(
+            f"{where}: {key!r} is {type(listed).__name__}; expected an image path or a list of them",
+            "unsupported format",
+            index,
+        )
+    # a path string, a file:// path or {"path": ...}; URLs, inline data and other shapes are refused
+    images = [image_ref(v, f"{key}[{j}]", where) for j, v in enumerate(listed)]
     if "conversations" in row or "messages" in row:
         turns = row.get("conversations", row.get("messages"))
         if not isinstance(turns, list) or not turns:
             raise SampleError(f"{where}: 'conversations' must be a non-empty list of turns", "bad format", index)
-        msgs = llava_messages(turns, bool(images), where)
+        # OpenAI-style content parts are read too; images come back in the order of their placeholders
+        msgs, images = read_conversation(turns, images, where)
         info = {k: row[k] for k in ("question_types",) if k in row}
     elif "question" in row:
         q = row["question"]
@@ -115,7 +123,7 @@ def read_hf(o: HFOptions) -> list[Record]:
         try:
             if conv is None:
                 raise SampleError(f"{o.path}[{i}]: no column {o.conversations_column!r}", "bad format", i)
-            msgs = llava_messages(conv, bool(imgs), f"{o.path}[{i}]")
+            msgs, imgs = read_conversation(conv, imgs, f"{o.path}[{i}]")
             out.append(Record(str(row.get("id", i)), msgs, imgs, None, {}, {}, o.path))
         except SampleError as err:
             out.append(Record(str(i), [], [], None, {}, {"error": err}, o.path))

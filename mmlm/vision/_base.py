@@ -28,13 +28,36 @@ class ImageTransform:
         self.std = torch.tensor(list(std), dtype=torch.float32).view(3, 1, 1)
         self.resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST}[resample]
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        image = to_rgb(image)
+    def __call__(self, image: Image.Image, resize: str = "squash") -> torch.Tensor:
+        """``resize`` (``processor.resize``): ``squash`` resizes ignoring the aspect ratio; ``pad``
+        first centres the image on a canvas of the target aspect filled with the mean colour (LLaVA's
+        expand2square, a square for a square input size); ``crop`` first keeps the largest centred box
+        of the target aspect."""
+        image = self.fit(to_rgb(image), resize)
         h, w = self.size
         if image.size != (w, h):
             image = image.resize((w, h), self.resample)
         arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
         return (arr - self.mean) / self.std
+
+    def fit(self, image: Image.Image, resize: str) -> Image.Image:
+        """The image brought to the input size's aspect ratio by ``resize`` (unchanged for squash)."""
+        if resize not in ("squash", "pad", "crop"):
+            raise ValueError(f"resize {resize!r}: expected squash, pad or crop")
+        h, w = self.size
+        iw, ih = image.size
+        if resize == "squash" or iw * h == ih * w:
+            return image
+        wider = iw * h > ih * w  # the image is wider than the target aspect
+        if resize == "crop":
+            cw, ch = (max(1, round(ih * w / h)), ih) if wider else (iw, max(1, round(iw * h / w)))
+            left, top = (iw - cw) // 2, (ih - ch) // 2
+            return image.crop((left, top, left + cw, top + ch))
+        cw, ch = (iw, max(ih, round(iw * h / w))) if wider else (max(iw, round(ih * w / h)), ih)
+        fill = tuple(min(255, max(0, round(m * 255))) for m in self.mean.flatten().tolist())
+        canvas = Image.new("RGB", (cw, ch), fill)
+        canvas.paste(image, ((cw - iw) // 2, (ch - ih) // 2))
+        return canvas
 
     def describe(self) -> dict:
         return {"size": list(self.size), "mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist()}
