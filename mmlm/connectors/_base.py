@@ -30,8 +30,11 @@ from mmlm.registry import CONNECTORS
 
 class ConnectorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    # optional declared widths; when given they must match what the encoder and LLM provide
+    # the width of the encoder features the connector reads (the fused width with ``fusion``); when given
+    # it is only checked against it (a config error on mismatch), null: taken from the encoder
     in_dim: int | None = Field(None, gt=0)
+    # the width of the tokens the connector outputs, which is always the LLM's hidden size; when given it
+    # is only checked against it (a config error on mismatch), null: taken from the LLM
     out_dim: int | None = Field(None, gt=0)
     # how to merge several encoder layers (``select_layers`` with more than one entry) before the
     # connector: see ``mmlm/connectors/_fusion.py``; refused when the encoder gives one layer

@@ -10,8 +10,9 @@ from mmlm.connectors._base import ConnectorOptions
 
 
 class LatentAttentionOptions(ConnectorOptions):
-    hidden: int | None = Field(None, gt=0)  # default: the encoder width
-    heads: int = Field(8, ge=1)
+    hidden: int | None = Field(None, gt=0)  # width of the queries/latents and of attention; default: encoder width
+    heads: int = Field(8, ge=1)  # attention heads of every attention layer; must divide the width (hidden)
+    # feed-forward inner width as a multiple of the attention width (4 in BLIP-2 and Flamingo)
     ffn_mult: float = Field(4.0, gt=0)
 
     @model_validator(mode="after")

@@ -14,9 +14,10 @@ ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tan
 
 
 class MLPOptions(ConnectorOptions):
+    # number of Linear layers: 2 is LLaVA-1.5's mlp2x_gelu, 1 LLaVA-1's single linear projection
     depth: int = Field(2, ge=1)
-    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"
-    hidden_dim: int | None = Field(None, gt=0)  # default: the LLM width
+    activation: Literal["gelu", "relu", "silu", "tanh"] = "gelu"  # between the Linear layers (none when depth 1)
+    hidden_dim: int | None = Field(None, gt=0)  # width between the Linear layers (depth > 1); default: the LLM width
     layernorm: bool = False  # InternVL-style LayerNorm on the input
 
 

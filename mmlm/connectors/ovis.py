@@ -22,7 +22,8 @@ NUM_INDICATORS = 2  # image begin, image end
 
 
 class OvisOptions(ConnectorOptions):
-    vocab_size: int = Field(8192, gt=NUM_INDICATORS)  # K, indicator entries included (Ovis: 65536 or 131072)
+    # K, the rows of the visual embedding table, the 2 indicator entries included (Ovis: 65536 or 131072)
+    vocab_size: int = Field(8192, gt=NUM_INDICATORS)
     init_from_llm: bool = False  # VTE ~ N(mean, std) of the LLM's input embedding table
 
 

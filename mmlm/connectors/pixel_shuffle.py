@@ -19,8 +19,8 @@ from mmlm.registry import CONNECTORS
 
 
 class PixelShuffleOptions(ConnectorOptions):
-    scale: int = Field(2, ge=1)  # s: each s x s block becomes one token
-    hidden_dim: int | None = Field(None, gt=0)  # default: the LLM width
+    scale: int = Field(2, ge=1)  # s: each s x s block becomes one token, s*s fewer tokens (InternVL: 2)
+    hidden_dim: int | None = Field(None, gt=0)  # width of the MLP's middle layer; default: the LLM width
 
 
 def grid_side(num_tokens: int, scale: int) -> int:

@@ -19,11 +19,12 @@ from mmlm.registry import CONNECTORS
 
 
 class QFormerOptions(LatentAttentionOptions):
-    num_queries: int = Field(32, ge=1)
-    num_layers: int = Field(2, ge=1)
-    cross_attention_freq: int = Field(2, ge=1)  # 2 in BLIP-2, 1 in Video-LLaMA
-    dropout: float = Field(0.0, ge=0, lt=1)
-    query_init_std: float = Field(0.02, gt=0)
+    num_queries: int = Field(32, ge=1)  # K learned queries = tokens per image given to the LLM (32 in BLIP-2)
+    num_layers: int = Field(2, ge=1)  # Q-Former layers (BLIP-2 uses 12, from BERT-base)
+    # cross-attention to the features on every n-th layer, the first included: 2 in BLIP-2, 1 in Video-LLaMA
+    cross_attention_freq: int = Field(2, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout probability in the attention and feed-forward blocks
+    query_init_std: float = Field(0.02, gt=0)  # std of the normal initialisation of the learned queries
 
 
 class QFormerLayer(nn.Module):

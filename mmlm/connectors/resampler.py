@@ -17,10 +17,11 @@ from mmlm.registry import CONNECTORS
 
 
 class ResamplerOptions(LatentAttentionOptions):
-    # ``hidden`` defaults to the encoder width; features are projected when it differs
+    # learned latents = tokens per image given to the LLM (64 in Flamingo); they have width ``hidden``
+    # (default the encoder width) and the features are projected to it when it differs
     num_latents: int = Field(64, ge=1)
-    depth: int = Field(2, ge=1)  # Flamingo uses 6
-    latent_init_std: float = Field(0.02, gt=0)
+    depth: int = Field(2, ge=1)  # perceiver layers (Flamingo uses 6)
+    latent_init_std: float = Field(0.02, gt=0)  # std of the normal initialisation of the learned latents
 
 
 class PerceiverLayer(nn.Module):

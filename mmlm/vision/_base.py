@@ -16,6 +16,8 @@ from mmlm.images import to_rgb
 
 class EncoderOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # the encoder layers whose features go to the connector, by index (negative counts from the end: -1 is the
+    # last block, -2 LLaVA's penultimate); several need the connector's ``fusion``, deepest first
     select_layers: list[int] = Field(default_factory=lambda: [-1])
 
 
