@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mmlm.config import PipelineConfig, parse_config
-from mmlm.errors import CheckpointError
+from mmlm.errors import CheckpointError, ConfigError
 from mmlm.model import MultimodalLM, build
 from mmlm.storage import CHECKPOINT_FORMAT
 
@@ -83,7 +84,12 @@ def read_checkpoint_config(directory) -> tuple[PipelineConfig, dict[str, Any]]:
     f = directory / "mmlm.yaml"
     if not f.is_file():
         raise FileNotFoundError(f"{directory} is not an mmlm checkpoint (no mmlm.yaml)")
-    raw = yaml.safe_load(f.read_text())
+    try:
+        raw = yaml.safe_load(f.read_text())
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{f}: not valid YAML ({' '.join(str(err).split())})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict):
+        raise CheckpointError(f"{f}: not a checkpoint config (no 'model' mapping)")
     meta = raw.pop("mmlm", {})
     fmt = meta.get("format", 1)
     if fmt > CHECKPOINT_FORMAT:
@@ -92,7 +98,24 @@ def read_checkpoint_config(directory) -> tuple[PipelineConfig, dict[str, Any]]:
         raw, meta["renames"], notes = migrate_format1(raw)
         if notes:
             log.warning("%s: migrated a format-1 checkpoint config: %s", directory, "; ".join(notes))
-    return parse_config(raw), meta
+    try:
+        return parse_config(raw), meta
+    except ConfigError as err:
+        raise CheckpointError(f"{f}: {err}") from None
+
+
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a missing, empty, truncated or corrupt one is a
+    CheckpointError naming the file."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: no such file; the checkpoint is incomplete")
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as err:
+        size = file.stat().st_size
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({size} bytes; truncated or corrupt: {err})"
+        ) from None
 
 
 def load_tensors(model: MultimodalLM, tensors: dict[str, torch.Tensor], where: str, complete: bool) -> None:
@@ -128,12 +151,23 @@ def load(directory, overrides: tuple[str, ...] = (), device: str | None = None) 
     """Load a checkpoint directory written by ``MultimodalLM.save`` (safetensors only)."""
     directory = Path(directory)
     cfg, meta = read_checkpoint_config(directory)
+    if not (directory / "tokenizer_config.json").is_file():
+        raise CheckpointError(
+            f"{directory}: no tokenizer files (tokenizer_config.json); every checkpoint holds the tokenizer "
+            "it was trained with, so this one is incomplete"
+        )
     if overrides:
         cfg = parse_config(cfg.to_dict(), overrides)
     model = build(cfg, tokenizer_dir=str(directory))
-    tensors = load_file(str(directory / "model.safetensors"))
+    tensors = read_tensors(directory / "model.safetensors")
     for old, new in (meta.get("renames") or {}).items():
         tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in tensors.items()}
+    missing = [k for k in meta.get("changed_from_source") or [] if k not in tensors]
+    if missing:
+        raise CheckpointError(
+            f"{directory / 'model.safetensors'}: {len(missing)} tensors the model needs are missing, e.g. "
+            f"{missing[:3]} (changed from the pretrained source when saved; the source's would be wrong)"
+        )
     load_tensors(model, tensors, str(directory / "model.safetensors"), complete=True)
     if device:
         model.to(device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -23,11 +24,65 @@ err_console = Console(stderr=True)
 SetOpt = typer.Option(None, "--set", help="override a config key: --set train.stages.1.lr=2e-5 (repeatable)")
 
 
+_debug = {"on": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")):
+    _debug["on"] = debug
+
+
 def _fail(err: Exception) -> None:
     from rich.markup import escape
 
-    err_console.print(f"[red]error:[/] {escape(str(err))}", soft_wrap=True)
+    err_console.print(f"[red]error:[/] {escape(' '.join(str(err).split()))}", soft_wrap=True)
     raise typer.Exit(2)
+
+
+def _user_error(err: Exception) -> bool:
+    """A mistake in what the user gave (config, data, checkpoint, image, arguments), as opposed to a
+    fault in mmlm: the message alone tells what to fix."""
+    from mmlm.errors import (
+        CheckpointError,
+        ConfigError,
+        DataError,
+        PlaceholderMismatch,
+        RunExists,
+        SampleError,
+        UnknownComponentError,
+    )
+
+    known = (ConfigError, DataError, SampleError, CheckpointError, PlaceholderMismatch, RunExists)
+    return isinstance(err, (*known, UnknownComponentError, OSError, ImportError))
+
+
+def friendly(command):
+    """Every error a command meets is one line on stderr (``error: <where>: <what>``, exit 2 for a
+    user's mistake, 1 for a fault in mmlm, which asks for a report); ``mmlm --debug`` shows the
+    traceback instead."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            if _debug["on"]:
+                raise
+            if _user_error(err):
+                _fail(err)
+            from rich.markup import escape
+
+            text = " ".join(str(err).split())
+            err_console.print(
+                f"[red]error:[/] {type(err).__name__}: {escape(text)} "
+                "(rerun with mmlm --debug ... for the traceback; if the input looks right, please report it)",
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
+
+    return run
 
 
 def _quiet() -> None:
@@ -45,8 +100,11 @@ def _quiet() -> None:
 
 
 @config_app.command("validate")
+@friendly
 def config_validate(file: Path, set_: list[str] | None = SetOpt):
-    """Check a pipeline YAML: keys, types, component names and options."""
+    """Check a pipeline YAML: keys, types, component names and options, that the files it names
+    exist, and that trainable patterns match the model's parameters (built without weights)."""
+    from mmlm.check import check_config
     from mmlm.config import load_config
     from mmlm.errors import ConfigError
 
@@ -54,11 +112,19 @@ def config_validate(file: Path, set_: list[str] | None = SetOpt):
         cfg = load_config(file, set_ or [])
     except (ConfigError, FileNotFoundError) as err:
         _fail(err)
-    stages = ", ".join(s.name for s in cfg.train.stages) if cfg.train else "none"
-    console.print(f"[green]ok[/] {file}: model {cfg.name}, stages: {stages}")
+    report = check_config(cfg)
+    if report.problems:
+        from rich.markup import escape
+
+        for line in report.problems:
+            err_console.print(f"[red]error:[/] {escape(line)}", soft_wrap=True)
+        raise typer.Exit(2)
+    stages = ", ".join(f"{s} ({n} trainable tensors)" for s, n in report.trainable.items()) or "none"
+    console.print(f"[green]ok[/] {file}: model {cfg.name}, {report.parameters} parameter tensors, stages: {stages}")
 
 
 @config_app.command("show")
+@friendly
 def config_show(file: Path, set_: list[str] | None = SetOpt):
     """Print the resolved config (defaults filled in, overrides applied)."""
     from mmlm.config import load_config
@@ -71,7 +137,24 @@ def config_show(file: Path, set_: list[str] | None = SetOpt):
     typer.echo(cfg.to_yaml())
 
 
+@config_app.command("reference")
+@friendly
+def config_reference_cmd(
+    readme: Path | None = typer.Option(None, help="rewrite the reference section of this README instead of printing"),
+):
+    """Every config key with its type, default and meaning (Markdown), generated from the schema."""
+    from mmlm.reference import config_reference, replace_in
+
+    text = config_reference()
+    if readme is None:
+        typer.echo(text, nl=False)
+        return
+    readme.write_text(replace_in(readme.read_text(), text))
+    console.print(f"updated the config reference in {readme}")
+
+
 @app.command("list")
+@friendly
 def list_parts():
     """Every registered encoder, connector, LLM source and data format."""
     from mmlm.registry import ALL
@@ -83,6 +166,7 @@ def list_parts():
 
 
 @data_app.command("shapes")
+@friendly
 def data_shapes(
     out: Path = typer.Option(..., help="output folder"),
     n: int = typer.Option(1000, help="images"),
@@ -97,6 +181,7 @@ def data_shapes(
 
 
 @app.command("train")
+@friendly
 def train_cmd(
     config: Path,
     out: Path | None = typer.Option(None, help="run folder (default runs/NAME)"),
@@ -133,6 +218,7 @@ def train_cmd(
 
 
 @app.command("ask")
+@friendly
 def ask_cmd(
     checkpoint: Path,
     question: str,
@@ -192,6 +278,7 @@ def _print_table(title: str, m: dict) -> None:
 
 
 @app.command("eval")
+@friendly
 def eval_cmd(
     checkpoint: Path,
     data: Path = typer.Option(..., help="LLaVA JSON/JSONL or questions JSONL"),
@@ -232,6 +319,7 @@ def eval_cmd(
 
 
 @app.command("demo")
+@friendly
 def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set_: list[str] | None = SetOpt):
     """Generate the shapes world, train the tiny recipe, evaluate on held-out questions."""
     _quiet()

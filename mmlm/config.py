@@ -58,14 +58,15 @@ class DataSource(Part):
     """One data source of a stage; ``format`` picks the reader (llava, hf, shapes)."""
 
     name_key: ClassVar[str] = "format"
-    format: str
+    format: str  # the reader: llava, hf or shapes (below)
+    # how many times the source's samples are used per epoch (1.5: all once, then the first half again)
     weight: float = Field(1.0, gt=0)
 
 
 class ModelConfig(Strict):
-    encoders: dict[str, Component] = Field(default_factory=dict)
-    connectors: dict[str, Component] = Field(default_factory=dict)
-    llm: Component
+    encoders: dict[str, Component] = Field(default_factory=dict)  # modality (image, audio) -> encoder part
+    connectors: dict[str, Component] = Field(default_factory=dict)  # modality -> connector part (one per encoder)
+    llm: Component  # the causal LM part: hf, gguf or scratch
     # a learned position embedding per media token, added in the LLM's space after the connector
     # (zero at init): tells the LLM which token of an image it is reading
     media_position: dict[str, Literal["learned"]] = Field(default_factory=dict)
@@ -95,12 +96,14 @@ class ModelConfig(Strict):
 
 
 class ProcessorConfig(Strict):
+    # tokens per sample, media tokens included; a longer sample is rejected (never truncated)
     max_length: int = Field(512, gt=8)
     # an image file larger than this is refused (a sample error) before it is decoded
     max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
-    padding_side: Literal["left", "right"] = "right"
+    padding_side: Literal["left", "right"] = "right"  # where batches are padded in training
+    # auto: the LLM tokenizer's own chat template when it has one, else mmlm's built-in markers
     chat_template: Literal["auto", "builtin"] = "auto"
-    system_prompt: str | None = None
+    system_prompt: str | None = None  # a system turn put before every conversation that has none
     # how an image meets the encoder's input size: squash resizes it ignoring its aspect ratio;
     # pad centres it on a canvas of the encoder's aspect filled with the encoder's mean colour
     # (LLaVA's expand2square), then resizes; crop keeps the largest centred box of that aspect
@@ -112,31 +115,33 @@ Precision = Literal["no", "fp16", "bf16"]
 
 
 class StageConfig(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    data: list[DataSource] = Field(min_length=1)
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # the stage's checkpoint is OUT/stages/NAME
+    data: list[DataSource] = Field(min_length=1)  # data sources: format, weight and the reader's options
     # what the stage optimises: a weighted sum of registered objectives (mmlm/objectives/)
     objectives: list[Component] = Field(default_factory=lambda: [Component(type="lm")], min_length=1)
     objective: None = Field(None, exclude=True)  # replaced by ``objectives``; refused with a pointer
+    # glob patterns over parameter names (connectors.*, llm.model.layers.*, encoders.image.*); the rest is frozen
     trainable: list[str] = Field(default_factory=lambda: ["*"])
-    frozen: list[str] = Field(default_factory=list)
-    lr: float = Field(1e-4, gt=0)
-    lr_groups: dict[str, float] = Field(default_factory=dict)
-    weight_decay: float = Field(0.0, ge=0)
-    steps: int | None = Field(None, gt=0)
-    epochs: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    schedule: Schedule = "cosine"
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    precision: Precision = "no"
-    gradient_checkpointing: bool = False
-    max_grad_norm: float | None = 1.0
-    save_every: int = Field(200, gt=0)
-    eval_every: int | None = Field(None, gt=0)
+    frozen: list[str] = Field(default_factory=list)  # patterns taken out of trainable
+    lr: float = Field(1e-4, gt=0)  # peak learning rate (AdamW)
+    lr_groups: dict[str, float] = Field(default_factory=dict)  # pattern -> its own peak learning rate
+    weight_decay: float = Field(0.0, ge=0)  # AdamW decay, on matrices only (not biases or norms)
+    steps: int | None = Field(None, gt=0)  # optimizer steps; give steps or epochs
+    epochs: float | None = Field(None, gt=0)  # passes over the stage's data (fractions allowed)
+    batch_size: int = Field(8, gt=0)  # samples per micro-batch
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step
+    warmup_steps: int = Field(0, ge=0)  # linear warmup steps; when 0, warmup_ratio decides
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)  # warmup as a fraction of the stage's steps
+    schedule: Schedule = "cosine"  # learning rate after warmup
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule's floor, as a fraction of the peak
+    precision: Precision = "no"  # mixed precision through accelerate (bf16/fp16 autocast) or fp32
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward to save memory
+    max_grad_norm: float | None = 1.0  # gradient clipping; null turns it off
+    save_every: int = Field(200, gt=0)  # steps between saved states for --resume
+    eval_every: int | None = Field(None, gt=0)  # steps between evaluations on train.eval (and at the end)
+    # a sample that cannot be used (missing/corrupt image, too long, bad format): stop, or skip and count it
     on_bad_sample: Literal["error", "skip"] = "error"
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0)  # processes preparing batches; the batches are the same with any number
 
     @field_validator("objective", mode="before")
     @classmethod
@@ -163,17 +168,17 @@ class StageConfig(Strict):
 
 
 class EvalConfig(Strict):
-    data: list[DataSource] = Field(min_length=1)
-    max_questions: int | None = Field(None, gt=0)
-    batch_size: int = Field(64, gt=0)
-    max_new_tokens: int = Field(8, gt=0)
+    data: list[DataSource] = Field(min_length=1)  # questions with answers (a questions JSONL or LLaVA JSON)
+    max_questions: int | None = Field(None, gt=0)  # evaluate on the first N only (all by default)
+    batch_size: int = Field(64, gt=0)  # questions generated together
+    max_new_tokens: int = Field(8, gt=0)  # answer length limit, in tokens
 
 
 class TrainConfig(Strict):
-    seed: int = 0
-    stages: list[StageConfig] = Field(min_length=1)
-    eval: EvalConfig | None = None
-    threads: int | None = Field(None, gt=0)
+    seed: int = 0  # every random choice (init, data order, dropout) derives from it
+    stages: list[StageConfig] = Field(min_length=1)  # run in order; each starts from the previous one's weights
+    eval: EvalConfig | None = None  # held-out questions for eval_every
+    threads: int | None = Field(None, gt=0)  # CPU threads for torch during the run (default: torch's own)
     log_every: int = Field(50, gt=0)  # steps between progress lines; the loss shown is their mean
 
     @model_validator(mode="after")
@@ -186,10 +191,10 @@ class TrainConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = "mmlm"
-    model: ModelConfig
-    processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
-    train: TrainConfig | None = None
+    name: str = "mmlm"  # the model's name; runs/NAME is the default run folder
+    model: ModelConfig  # the parts: encoders, connectors, LLM
+    processor: ProcessorConfig = Field(default_factory=ProcessorConfig)  # text and image preparation
+    train: TrainConfig | None = None  # the training stages (a config for inference only has none)
 
     def stage(self, name: str) -> StageConfig:
         if self.train is None:
@@ -326,13 +331,86 @@ def parse_config(
 def load_config(
     path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), variables: dict | None = None
 ) -> PipelineConfig:
-    """Read a pipeline YAML (a file path, or the name of a recipe in ``configs/``)."""
+    """Read a pipeline YAML (a file path, or the name of a recipe in ``configs/``). Relative paths
+    in it are read from the YAML file's folder (``--set`` values from the current folder, and paths
+    under ``${out}`` from the run folder, as given)."""
     p = resolve_config_path(path)
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(err).split())}") from None
+    if isinstance(raw, dict):
+        resolve_relative_paths(raw, p.resolve().parent)
     return parse_config(raw, overrides, variables)
+
+
+def raw_parts(raw: dict):
+    """(key path, entry, registry, name key) of every registry-built part of a raw config, skipping
+    what is malformed (the schema reports that)."""
+
+    def items(node, where, registry, key):
+        if isinstance(node, dict):
+            node = node.items()
+        elif isinstance(node, list):
+            node = enumerate(node)
+        else:
+            return
+        for k, entry in node:
+            if isinstance(entry, dict):
+                yield f"{where}.{k}", entry, registry, key
+
+    model = raw.get("model")
+    if isinstance(model, dict):
+        yield from items(model.get("encoders"), "model.encoders", ENCODERS, "type")
+        yield from items(model.get("connectors"), "model.connectors", CONNECTORS, "type")
+        if isinstance(model.get("llm"), dict):
+            yield "model.llm", model["llm"], LLM_SOURCES, "type"
+    train = raw.get("train")
+    if isinstance(train, dict):
+        stages = train.get("stages")
+        for i, st in enumerate(stages if isinstance(stages, list) else []):
+            if isinstance(st, dict):
+                yield from items(st.get("data"), f"train.stages.{i}.data", DATA_FORMATS, "format")
+                yield from items(st.get("objectives"), f"train.stages.{i}.objectives", OBJECTIVES, "type")
+        if isinstance(train.get("eval"), dict):
+            yield from items(train["eval"].get("data"), "train.eval.data", DATA_FORMATS, "format")
+
+
+def path_keys(registry, name) -> dict[str, str]:
+    """The options of part ``name`` that name files or folders, with their kind: ``file``, ``dir``,
+    ``file_or_dir``, ``new_dir`` (created on first use) or ``local_or_hub`` (a folder or a hub id)."""
+    if not isinstance(name, str) or name not in registry:
+        return {}
+    return dict(getattr(registry.get(name).options, "path_keys", {}))
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def resolve_path(value: Any, kind: str, base: Path) -> Any:
+    """``value`` read from ``base`` when it is a relative local path; URLs, ``pkg://``, variables and
+    (for ``local_or_hub``) hub ids that are not folders under ``base`` are left as they are."""
+    if not isinstance(value, str) or not value or "${" in value or "://" in value:
+        return value
+    p = Path(os.path.expanduser(value))
+    if p.is_absolute():
+        return str(p)
+    cand = base / p
+    if kind == "local_or_hub" and not cand.exists() and _HUB_ID.match(value):
+        return value
+    return os.path.normpath(cand)
+
+
+def resolve_relative_paths(raw: dict, base: Path) -> None:
+    """Make every relative path option of ``raw`` (in place) relative to ``base`` instead."""
+    for _, entry, registry, key in list(raw_parts(raw)):
+        for dotted, kind in path_keys(registry, entry.get(key)).items():
+            *parents, leaf = dotted.split(".")
+            node = entry
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and leaf in node:
+                node[leaf] = resolve_path(node[leaf], kind, base)
 
 
 def recipes_dir() -> Path:

@@ -46,6 +46,11 @@ class UnknownComponentError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class DataError(ValueError):
+    """A data source as a whole cannot be used (a file that is not valid JSON, no usable sample);
+    the message names the file or the config key of the source."""
+
+
 class SampleError(ValueError):
     """A sample cannot be used. ``detail`` is the bare message, ``reason`` a short category for skip
     counts, ``where`` the location (``sample 3``, ``data.json: sample 3 (id x)``)."""

@@ -11,11 +11,12 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mmlm.errors import ConfigError
 from mmlm.registry import LLM_SOURCES
 
 AttnImpl = Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"]
@@ -28,33 +29,39 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", *CHAT_MARKERS.values()]
 
 class LLMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # transformers' attention kernel; auto: flash_attention_2 on CUDA with flash-attn installed, else sdpa
     attn_implementation: AttnImpl = "auto"
-    dtype: DType = "float32"
+    dtype: DType = "float32"  # dtype the LLM's weights are built or loaded in (train.precision autocasts on top)
 
 
 class HFOptions(LLMOptions):
+    # options that name files or folders: relative ones are read from the config file's folder
+    path_keys: ClassVar[dict[str, str]] = {"path": "local_or_hub", "tokenizer": "local_or_hub"}
     path: str  # hub id or local directory
-    revision: str | None = None
+    revision: str | None = None  # hub branch, tag or commit of the model and tokenizer; null: the default branch
     tokenizer: str | None = None  # another hub id / directory for the tokenizer
 
 
 class GGUFOptions(LLMOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "file_or_dir"}
     # a .gguf file, a directory holding one (then ``file`` names it), or ``pkg://PACKAGE/FILE`` for
     # a file shipped inside an installed package (found without importing the package)
     path: str
-    file: str | None = None
+    file: str | None = None  # the .gguf file inside the directory path; null: its only .gguf file
 
 
 class TokenizerSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # word: one entry per word or punctuation run (unseen ones become <unk>); bpe: byte-level BPE (no unknowns)
     type: Literal["word", "bpe"] = "word"
-    vocab_size: int = Field(4096, gt=len(SPECIAL_TOKENS))
-    min_frequency: int = Field(1, ge=1)
-    lowercase: bool = True
+    vocab_size: int = Field(4096, gt=len(SPECIAL_TOKENS))  # most entries, special tokens included
+    min_frequency: int = Field(1, ge=1)  # fewest occurrences in the texts for a word or merge to enter the vocabulary
+    lowercase: bool = True  # lowercase all text before tokenizing
 
 
 class ScratchOptions(LLMOptions):
     config: dict[str, Any]  # transformers config kwargs; must name ``model_type`` (llama, qwen2, ...)
+    # the tokenizer fitted on the training texts: {type, vocab_size, min_frequency, lowercase}
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
 
 
@@ -90,9 +97,13 @@ def _ensure_pad(tokenizer) -> None:
 
 
 @LLM_SOURCES.register("hf", options=HFOptions, summary="any causal LM from a hub id or a local directory")
-def load_hf(o: HFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_hf(
+    o: HFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None, skeleton: bool = False
+) -> LoadedLLM:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if skeleton:
+        return _skeleton(AutoConfig.from_pretrained(o.path, revision=o.revision))
     attn = resolve_attn_implementation(o.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         o.path, revision=o.revision, dtype=_dtype(o.dtype), attn_implementation=attn
@@ -129,10 +140,14 @@ def resolve_gguf(path: str, file: str | None = None) -> tuple[Path, str]:
 
 
 @LLM_SOURCES.register("gguf", options=GGUFOptions, summary="a causal LM from a local GGUF file (dequantised)")
-def load_gguf(o: GGUFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_gguf(
+    o: GGUFOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None, skeleton: bool = False
+) -> LoadedLLM:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = resolve_gguf(o.path, o.file)
+    if skeleton:  # the GGUF header only: its metadata holds the architecture
+        return _skeleton(AutoConfig.from_pretrained(str(folder), gguf_file=name))
     attn = resolve_attn_implementation(o.attn_implementation)
     model = AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=name, dtype=_dtype(o.dtype), attn_implementation=attn
@@ -184,13 +199,13 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerSpec):
 @LLM_SOURCES.register(
     "scratch", options=ScratchOptions, summary="a causal LM built from a config, tokenizer fitted on the data"
 )
-def load_scratch(o: ScratchOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def load_scratch(
+    o: ScratchOptions, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None, skeleton: bool = False
+) -> LoadedLLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = dict(o.config)
-    model_type = cfg.pop("model_type", None)
-    if not model_type:
-        raise ValueError("model.llm.config.model_type is required (e.g. llama, qwen2, gpt2)")
+    if skeleton:  # parameter names do not depend on the fitted vocabulary's exact size
+        return _skeleton(scratch_config(o, o.tokenizer.vocab_size))
     if tokenizer_dir and Path(tokenizer_dir, "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -200,21 +215,68 @@ def load_scratch(o: ScratchOptions, texts: Iterable[str] | None = None, tokenize
                 "(build it through a training stage, or load a checkpoint that holds the tokenizer)"
             )
         tok = train_tokenizer(texts, o.tokenizer)
-    try:
-        conf = AutoConfig.for_model(
-            model_type,
-            vocab_size=len(tok),
-            pad_token_id=tok.pad_token_id,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            **cfg,
-        )
-    except ValueError as err:
-        raise ValueError(f"model.llm.config.model_type: {err}") from None
+    conf = scratch_config(
+        o, len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id
+    )
     attn = resolve_attn_implementation(o.attn_implementation)
-    model = AutoModelForCausalLM.from_config(conf, attn_implementation=attn, dtype=_dtype(o.dtype))
+    try:
+        model = AutoModelForCausalLM.from_config(conf, attn_implementation=attn, dtype=_dtype(o.dtype))
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ConfigError(
+            f"transformers cannot build this {conf.model_type} model: {_one_line(err)}", "model.llm.config"
+        ) from None
     return LoadedLLM(model, tok, pretrained=False)
 
 
-def load_llm(component, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None) -> LoadedLLM:
-    return LLM_SOURCES.create(component, texts=texts, tokenizer_dir=tokenizer_dir, where="model.llm")
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
+
+
+def _config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config it refuses (huggingface_hub's strict dataclass
+    validation in transformers 5, ValueError/TypeError before)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # older huggingface_hub
+        return (ValueError, TypeError, KeyError)
+    return (ValueError, TypeError, KeyError, StrictDataclassError)
+
+
+def scratch_config(o: ScratchOptions, vocab_size: int, **token_ids):
+    """The transformers config of a from-scratch LLM; a wrong model_type or field is a ConfigError
+    naming ``model.llm.config``."""
+    from transformers import AutoConfig
+
+    cfg = dict(o.config)
+    model_type = cfg.pop("model_type", None)
+    if not model_type:
+        raise ConfigError("required key is missing (e.g. llama, qwen2, gpt2)", "model.llm.config.model_type")
+    try:
+        return AutoConfig.for_model(model_type, vocab_size=vocab_size, **token_ids, **cfg)
+    except _config_errors() as err:
+        key = "model.llm.config.model_type" if "Unrecognized model identifier" in str(err) else "model.llm.config"
+        raise ConfigError(_one_line(err), key) from None
+
+
+def _skeleton(conf) -> LoadedLLM:
+    """The LLM a config describes with its parameters on the meta device: names and shapes, no
+    weights read and no memory taken; no tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(conf)
+        except (*_config_errors(), RuntimeError) as err:
+            raise ConfigError(
+                f"transformers cannot build this {conf.model_type} model: {_one_line(err)}", "model.llm"
+            ) from None
+    return LoadedLLM(model, None, pretrained=False)
+
+
+def load_llm(
+    component, texts: Iterable[str] | None = None, tokenizer_dir: str | None = None, skeleton: bool = False
+) -> LoadedLLM:
+    """The LLM (and tokenizer) a ``model.llm`` entry names; ``skeleton``: parameters on the meta
+    device from the source's config alone (``mmlm config validate``)."""
+    kwargs = {"skeleton": True} if skeleton else {}
+    return LLM_SOURCES.create(component, texts=texts, tokenizer_dir=tokenizer_dir, where="model.llm", **kwargs)

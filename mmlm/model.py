@@ -22,7 +22,7 @@ from torch import nn
 
 from mmlm.config import PipelineConfig
 from mmlm.connectors import build_connector
-from mmlm.errors import PlaceholderMismatch
+from mmlm.errors import ConfigError, PlaceholderMismatch
 from mmlm.images import load_image
 from mmlm.llm import load_llm
 from mmlm.modalities import IMAGE_PLACEHOLDER
@@ -66,7 +66,8 @@ class MultimodalLM(nn.Module):
         # parameter-name prefixes whose weights come from a pretrained source the checkpoint references
         self.pretrained_prefixes = tuple(pretrained_prefixes)
         # digests of those weights as the source gave them: a checkpoint stores the ones that differ
-        self.source_digests = {k: tensor_digest(v) for k, v in self._from_source().items()}
+        skeleton = tokenizer is None  # parameters on the meta device, for their names (``skeleton``)
+        self.source_digests = {} if skeleton else {k: tensor_digest(v) for k, v in self._from_source().items()}
         media = {}
         self.media_pos = nn.ParameterDict()
         width = llm.get_input_embeddings().weight.shape[1]
@@ -75,7 +76,7 @@ class MultimodalLM(nn.Module):
             media[name] = MediaSpec.of(name, n_out, enc.preprocess)
             if config.model.media_position.get(name) == "learned":
                 self.media_pos[name] = nn.Parameter(torch.zeros(n_out, width))
-        self.processor = Processor(tokenizer, media, config.processor)
+        self.processor = None if skeleton else Processor(tokenizer, media, config.processor)
 
     # ------------------------------------------------------------------ embedding
     @property
@@ -254,9 +255,10 @@ class MultimodalLM(nn.Module):
         the pretrained sources), ``model.safetensors`` (``tensors_to_save``), the tokenizer files, and
         ``metrics.json`` when given. ``mmlm.load`` reads it back."""
         directory = Path(directory)
+        tensors = self.tensors_to_save(full)
         with atomic_dir(directory) as tmp:
             save_tensors(
-                self.tensors_to_save(full),
+                tensors,
                 tmp / "model.safetensors",
                 metadata={"format": "pt", "mmlm": str(CHECKPOINT_FORMAT)},
             )
@@ -266,6 +268,9 @@ class MultimodalLM(nn.Module):
                     "format": CHECKPOINT_FORMAT,
                     "tensors": "full" if full else "trained",
                     "pretrained_prefixes": list(self.pretrained_prefixes),
+                    # the source's tensors this file replaces: without the list, one deleted from the
+                    # file would load silently from the source
+                    "changed_from_source": sorted(k for k in tensors if k.startswith(self.pretrained_prefixes)),
                 },
                 **self.config.to_dict(),
             }
@@ -310,16 +315,48 @@ def build(
     """Assemble the model a config names. ``texts`` feeds a from-scratch tokenizer; ``llm`` (a
     ``mmlm.llm.LoadedLLM``) reuses an LLM already loaded from the source the config names."""
     loaded = llm if llm is not None else load_llm(config.model.llm, texts=texts, tokenizer_dir=tokenizer_dir)
+    return _assemble(config, loaded)
+
+
+def skeleton(config: PipelineConfig) -> MultimodalLM:
+    """The model a config names with every parameter on the meta device: its parameter names and
+    shapes, from the parts' configs alone (no weights read, no memory taken, no tokenizer, no
+    processor). ``mmlm config validate`` checks ``trainable`` patterns against it."""
+    with torch.device("meta"):
+        return _assemble(config, load_llm(config.model.llm, skeleton=True), skeleton=True)
+
+
+def _at(key: str, make: Callable, *args, **kwargs):
+    """``make(...)``, with a part's refusal of its options (a ValueError from timm, transformers or
+    the part itself) reported at the part's key path."""
+    try:
+        return make(*args, **kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        text = " ".join(str(err).split())
+        generic = key.rsplit(".", 1)[0] + ".*"  # parts name their key as model.encoders.*.weights
+        text = text.replace(generic, key)
+        exc = FileNotFoundError if isinstance(err, FileNotFoundError) else ConfigError
+        if text.startswith("model.") or exc is FileNotFoundError:
+            raise exc(text) from err
+        raise ConfigError(text, key) from err
+
+
+def _assemble(config: PipelineConfig, loaded, skeleton: bool = False) -> MultimodalLM:
+    kwargs = {"skeleton": True} if skeleton else {}
     llm_dim = loaded.model.get_input_embeddings().weight.shape[1]
     encoders = nn.ModuleDict()
     connectors = nn.ModuleDict()
     prefixes = ["llm."] if loaded.pretrained else []
     for name, comp in config.model.encoders.items():
-        enc = ENCODERS.create(comp, where=f"model.encoders.{name}")
+        enc = _at(f"model.encoders.{name}", ENCODERS.create, comp, where=f"model.encoders.{name}", **kwargs)
         if getattr(enc, "pretrained", False):
             prefixes.append(f"encoders.{name}.")
         encoders[name] = enc
-        connectors[name] = build_connector(
+        connectors[name] = _at(
+            f"model.connectors.{name}",
+            build_connector,
             config.model.connectors[name],
             enc.hidden_size,
             llm_dim,

@@ -1,6 +1,7 @@
 """Images in every mode and state a user's data holds: huge ones refused before decoding, broken
 ones a sample error that skip counts once, 16-bit and float ones rescaled, transparency on white."""
 
+import json
 import struct
 import zlib
 
@@ -87,11 +88,11 @@ def bad_run(tmp_path):
     read_source(cfg.train.stages[0].data[0])  # generate the world
     first = sorted((tmp_path / "shapes" / "images").glob("*.png"))[0]
     first.write_bytes(png_header(20000, 20000))
-    return cfg, tmp_path
+    return cfg, tmp_path, first
 
 
 def test_a_bomb_in_the_data_is_skipped_and_counted_once(bad_run):
-    cfg, tmp_path = bad_run
+    cfg, tmp_path, _ = bad_run
     train(cfg, tmp_path / "run")  # 3 steps x 4 samples from 6: the bad one is drawn more than once
     import json
 
@@ -101,17 +102,20 @@ def test_a_bomb_in_the_data_is_skipped_and_counted_once(bad_run):
 
 
 def test_a_bomb_in_the_data_under_error_names_the_sample(bad_run):
-    cfg, tmp_path = bad_run
+    cfg, tmp_path, bomb = bad_run
     cfg = parse_config(cfg.to_dict(), ["train.stages.0.on_bad_sample=error"])
     with pytest.raises(SampleError) as err:
         train(cfg, tmp_path / "run2")
-    assert "align: sample" in str(err.value) and "(id 3-0)" in str(err.value)
+    # the bomb is the first image: the first caption row of the file names it
+    rows = json.loads((tmp_path / "shapes" / "captions.json").read_text())
+    row = next(i for i, r in enumerate(rows) if r["image"].endswith(bomb.name))
+    assert str(err.value).startswith(f"{tmp_path / 'shapes' / 'captions.json'}: sample {row} (id {rows[row]['id']})")
 
 
 def test_evaluation_leaves_out_a_record_whose_image_is_bad(bad_run):
     from mmlm.evaluate import evaluate, questions_from
 
-    cfg, tmp_path = bad_run
+    cfg, tmp_path, _ = bad_run
     model = build(cfg, texts=TEXTS)
     from mmlm.data.sources import read_source
 
@@ -132,7 +136,7 @@ def test_max_grad_norm_null_survives_a_round_trip():
 
 
 def test_ask_with_a_bomb_is_one_line_and_streaming_prints_the_answer(bad_run):
-    cfg, tmp_path = bad_run
+    cfg, tmp_path, _ = bad_run
     import torch
 
     runner = CliRunner()
@@ -152,7 +156,7 @@ def test_ask_with_a_bomb_is_one_line_and_streaming_prints_the_answer(bad_run):
 def test_ask_takes_several_images_and_reports_a_placeholder_mismatch_in_one_line(bad_run):
     import mmlm
 
-    cfg, tmp_path = bad_run
+    cfg, tmp_path, _ = bad_run
     runner = CliRunner()
     import torch
 

@@ -154,15 +154,7 @@ def _llava_stage_with_one_long_row(tmp_path, policy: str, short_source_first: bo
     "short_source_first",
     [
         False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="known bug: with several sources the index is the stage's (sample 6 of the stage, "
-                "row 3 of d.json); remove this mark when the message gives the row in its file",
-            ),
-        ),
+        True,
     ],
 )
 def test_an_over_long_sample_stops_training_naming_its_file_and_row(tmp_path, short_source_first):

@@ -38,11 +38,16 @@ class StageDataset:
 
     def _bad(self, err: SampleError, i: int, rec: Record) -> None:
         if self.policy == "error":
-            raise SampleError(
-                err.detail, err.reason, i, where=f"{rec.source or self.name}: sample {i} (id {rec.id})"
-            ) from None
+            raise SampleError(err.detail, err.reason, i, where=self.where(rec, i)) from None
         self.skipped[err.reason] += 1
-        log.debug("skipped %s: sample %d (id %s): %s", rec.source or self.name, i, rec.id, err.detail)
+        log.debug("skipped %s: %s", self.where(rec, i), err.detail)
+
+    def where(self, rec: Record, i: int) -> str:
+        """A sample as its user finds it: the file and its row there (the stage's index when the
+        record came from no file)."""
+        if rec.source and rec.row is not None:
+            return f"{rec.source}: sample {rec.row} (id {rec.id})"
+        return f"{rec.source or self.name}: sample {i} (id {rec.id})"
 
     def _check(self, rec: Record, i: int) -> list:
         if "error" in rec.info:

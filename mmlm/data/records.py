@@ -23,6 +23,7 @@ class Record:
     meta: dict[str, list[Any]] = field(default_factory=dict)  # per-image annotations (patch labels)
     info: dict[str, Any] = field(default_factory=dict)  # per-sample extras (question types, answers)
     source: str = ""
+    row: int | None = None  # its index in ``source`` (the stage's index can differ: several sources, weights)
 
     def texts(self) -> list[str]:
         """Every text this record can feed the LLM: the messages (media placeholders removed) and the

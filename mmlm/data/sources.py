@@ -5,24 +5,26 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmlm.data.records import Record, image_ref, read_conversation
-from mmlm.errors import SampleError
+from mmlm.errors import DataError, SampleError
 from mmlm.modalities import IMAGE_PLACEHOLDER
 from mmlm.registry import DATA_FORMATS
 
 
 class SourceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_samples: int | None = Field(None, gt=0)
+    max_samples: int | None = Field(None, gt=0)  # read only the source's first N samples; null: all of them
 
 
 class LlavaOptions(SourceOptions):
+    # options that name files or folders: relative ones are read from the config file's folder
+    path_keys: ClassVar[dict[str, str]] = {"path": "file", "image_root": "dir"}
     path: str  # .json (a list) or .jsonl (one object per line)
-    image_root: str | None = None  # default: the file's folder
+    image_root: str | None = None  # folder the samples' image paths are relative to; default: the file's folder
 
 
 def _read_json_rows(path: Path) -> list[dict]:
@@ -36,11 +38,16 @@ def _read_json_rows(path: Path) -> list[dict]:
                     try:
                         rows.append(json.loads(line))
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{ln}: not valid JSON: {err}") from None
+                        raise DataError(f"{path}:{ln}: not valid JSON: {err}") from None
         return rows
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text: {err}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of samples")
+        raise DataError(f"{path}: expected a JSON list of samples, found a {type(data).__name__}")
     return data
 
 
@@ -76,7 +83,7 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
         info = {"question_types": [row.get("type", "all")]}
     else:
         raise SampleError(f"{where}: needs 'conversations' (LLaVA) or 'question'/'answer' keys", "bad format", index)
-    return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source)
+    return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index)
 
 
 @DATA_FORMATS.register("llava", options=LlavaOptions, summary="LLaVA-format JSON or JSONL, images under image_root")
@@ -89,15 +96,16 @@ def read_llava(o: LlavaOptions) -> list[Record]:
         try:
             out.append(row_to_record(row, i, str(path), root))
         except SampleError as err:
-            out.append(Record(str(i), [], [], root, {}, {"error": err}, str(path)))
+            out.append(Record(str(i), [], [], root, {}, {"error": err}, str(path), row=i))
     return out
 
 
 class HFOptions(SourceOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "local_or_hub"}
     path: str  # a directory saved with Dataset.save_to_disk, or a dataset name/path for load_dataset
-    split: str = "train"
-    image_column: str = "image"
-    conversations_column: str = "conversations"
+    split: str = "train"  # the split to read (of load_dataset, or of a DatasetDict saved to disk)
+    image_column: str = "image"  # column with the sample's image or list of images
+    conversations_column: str = "conversations"  # column with the turns: {from, value} (LLaVA) or {role, content}
 
 
 @DATA_FORMATS.register(
@@ -124,18 +132,23 @@ def read_hf(o: HFOptions) -> list[Record]:
             if conv is None:
                 raise SampleError(f"{o.path}[{i}]: no column {o.conversations_column!r}", "bad format", i)
             msgs, imgs = read_conversation(conv, imgs, f"{o.path}[{i}]")
-            out.append(Record(str(row.get("id", i)), msgs, imgs, None, {}, {}, o.path))
+            out.append(Record(str(row.get("id", i)), msgs, imgs, None, {}, {}, o.path, row=i))
         except SampleError as err:
-            out.append(Record(str(i), [], [], None, {}, {"error": err}, o.path))
+            out.append(Record(str(i), [], [], None, {}, {"error": err}, o.path, row=i))
     return out
 
 
 class ShapesOptions(SourceOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "new_dir"}
     path: str  # folder; generated there on first use
-    n: int = Field(gt=0)
-    seed: int = 0
-    image_size: int = Field(96, gt=0)
+    n: int = Field(gt=0)  # number of images (scenes) in the world
+    seed: int = 0  # image i depends on (seed, i) only: give held-out splits disjoint seeds
+    image_size: int = Field(96, gt=0)  # side of the square images in pixels
+    # captions: one describe-the-image sample per image; vqa: an image's questions as one multi-turn
+    # conversation; questions: one single-turn sample per question, with its type (per-type scores)
     task: Literal["captions", "vqa", "questions"] = "vqa"
+    # keep at most this many of each image's questions (a random subset, fixed when the world is
+    # generated); null: all of them
     questions_per_image: int | None = Field(None, gt=0)
 
 

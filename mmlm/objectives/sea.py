@@ -13,7 +13,7 @@ inference is exactly what it would be without the objective.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +46,9 @@ class ClipScorerOptions(BaseModel):
 
 
 class SEAOptions(ObjectiveOptions):
+    path_keys: ClassVar[dict[str, str]] = {"open_clip.weights": "file"}
     modality: str = "image"  # whose media tokens are aligned
-    temperature: float = Field(0.07, gt=0)
+    temperature: float = Field(0.07, gt=0)  # InfoNCE temperature: cosine similarities are divided by it
     target_grad: bool = False  # let the loss move the LLM's word embeddings too
     # where the labels come from: the data (``media_meta[label_key]``) or a CLIP model scoring each patch
     labels: Literal["data", "open_clip"] = "data"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from mmlm.data.dataset import StageDataset
-from mmlm.errors import SampleError
+from mmlm.errors import DataError, SampleError
 from mmlm.train.seeds import derive_seed
 
 _RETRY_STRIDE = 7919  # a bad sample at position p is replaced by the one at p + k * stride
@@ -44,11 +44,9 @@ class StageBatches:
             except SampleError as err:
                 if self.policy == "error":
                     rec = self.data.records[i]
-                    raise SampleError(
-                        err.detail, err.reason, i, where=f"{self.stage}: sample {i} (id {rec.id})"
-                    ) from None
+                    raise SampleError(err.detail, err.reason, i, where=self.data.where(rec, i)) from None
                 skipped.append((i, err.reason))
-        raise ValueError(f"{self.where} ({self.stage}): every sample failed to load")
+        raise DataError(f"{self.where} ({self.stage}): every sample failed to load")
 
     def __call__(self, micro_index: int) -> dict:
         """The micro-batch at ``micro_index``, with ``_position`` and the samples skipped on the way

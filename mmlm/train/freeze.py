@@ -6,12 +6,14 @@ from fnmatch import fnmatchcase
 
 import torch
 
+from mmlm.errors import ConfigError
+
 
 def _match(name: str, patterns) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
-def apply_trainable(model, trainable: list[str], frozen: list[str]) -> list[str]:
+def apply_trainable(model, trainable: list[str], frozen: list[str], where: str = "trainable") -> list[str]:
     names = []
     for n, p in model.named_parameters():
         on = _match(n, trainable) and not _match(n, frozen)
@@ -19,9 +21,16 @@ def apply_trainable(model, trainable: list[str], frozen: list[str]) -> list[str]
         if on:
             names.append(n)
     if not names:
-        some = [n for n, _ in list(model.named_parameters())[:5]]
-        raise ValueError(f"train.stages.*.trainable {trainable} matches no parameter; names look like {some}")
+        raise ConfigError(unmatched_message(trainable, frozen, [n for n, _ in model.named_parameters()]), where)
     return names
+
+
+def unmatched_message(trainable: list[str], frozen: list[str], names: list[str]) -> str:
+    """What to tell a user whose ``trainable`` patterns (minus ``frozen``) select no parameter: the
+    top-level groups that exist, so the fix is visible."""
+    groups = sorted({".".join(n.split(".")[:2]) + ".*" for n in names})
+    but = f" (minus frozen {frozen})" if frozen else ""
+    return f"{trainable}{but} matches no parameter; parameter groups: {', '.join(groups)}"
 
 
 def param_groups(model, base_lr: float, lr_groups: dict[str, float], weight_decay: float) -> list[dict]:

@@ -23,7 +23,7 @@ from mmlm.checkpoint import load
 from mmlm.config import PipelineConfig, StageConfig
 from mmlm.data.dataset import StageDataset
 from mmlm.data.sources import read_source
-from mmlm.errors import ConfigError, TrainingInterrupted, TrainingStopped
+from mmlm.errors import ConfigError, DataError, TrainingInterrupted, TrainingStopped
 from mmlm.evaluate import evaluate
 from mmlm.model import build
 from mmlm.objectives import Objective, StepInfo, build_objectives
@@ -218,12 +218,12 @@ class Trainer:
         where = f"train.stages.{idx}"
         data = self._dataset(model, st.data, f"{where}.data", st.on_bad_sample, st.name)
         if len(data) == 0:
-            raise ValueError(f"{where} ({st.name}): no usable samples ({data.report()})")
+            raise DataError(f"{where}.data ({st.name}): no usable samples ({data.report()})")
         eval_data = None
         if st.eval_every:
             eval_data = self._dataset(model, self.cfg.train.eval.data, "train.eval.data", "skip", "eval")
         objectives = build_objectives(st, model, where)
-        names = apply_trainable(model, st.trainable, st.frozen)
+        names = apply_trainable(model, st.trainable, st.frozen, where=f"{where}.trainable")
         model.train()
         if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable"):
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -301,7 +301,9 @@ class Trainer:
             step_tokens += int(batch["attention_mask"].sum())
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             losses = self._losses(run, batch)
-            run.accelerator.backward(sum(losses.values()) / st.grad_accum)
+            total = sum(losses.values()) / st.grad_accum
+            if total.requires_grad:  # a text-only batch while only the connector trains has no gradient
+                run.accelerator.backward(total)
             for name, value in losses.items():  # summed on the device: one host transfer per step
                 parts[name] = parts.get(name, 0.0) + value.detach() / st.grad_accum
         if st.max_grad_norm:

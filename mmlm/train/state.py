@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from mmlm.checkpoint import load_tensors
+from mmlm.checkpoint import load_tensors, read_tensors
 from mmlm.storage import atomic_dir, save_tensors
 
 
@@ -37,8 +36,8 @@ def save_train_state(directory, model, optimizer, step: int, info: dict[str, Any
 def load_train_state(directory, model, optimizer) -> dict[str, Any]:
     directory = Path(directory)
     state = json.loads((directory / "state.json").read_text())
-    load_tensors(model, load_file(str(directory / "weights.safetensors")), str(directory), complete=False)
-    opt_tensors = load_file(str(directory / "optimizer.safetensors"))
+    load_tensors(model, read_tensors(directory / "weights.safetensors"), str(directory), complete=False)
+    opt_tensors = read_tensors(directory / "optimizer.safetensors")
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field, model_validator
@@ -20,9 +20,12 @@ _RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL codes in preproce
 
 
 class HFEncoderOptions(EncoderOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "local_or_hub"}
     path: str | None = None  # hub id or local directory (from_pretrained)
     config: dict[str, Any] | None = None  # {model_type: ..., **config fields}, built from scratch
     drop_prefix_tokens: bool = True  # drop CLS / register / distillation tokens
+    # input side in pixels (square); default: preprocessor_config.json's size, else the model config's;
+    # pretrained weights at another size get interpolated position embeddings where the model allows it
     image_size: int | None = Field(None, gt=0)
 
     @model_validator(mode="after")
@@ -91,11 +94,13 @@ EXAMPLE = {
     example=EXAMPLE,
 )
 class HFEncoder(Encoder):
-    def __init__(self, opts: HFEncoderOptions):
+    def __init__(self, opts: HFEncoderOptions, skeleton: bool = False):
         super().__init__(opts.select_layers)
         from transformers import AutoConfig, AutoModel
 
-        if opts.path is not None:
+        if opts.path is not None and skeleton:  # its config only, parameters on the meta device
+            model = AutoModel.from_config(AutoConfig.from_pretrained(opts.path), dtype=torch.float32)
+        elif opts.path is not None:
             model = AutoModel.from_pretrained(opts.path, dtype=torch.float32)
         else:
             fields = dict(opts.config)

@@ -7,7 +7,7 @@ import copy
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import ConfigDict, Field
@@ -23,11 +23,12 @@ class OpenClipOptions(EncoderOptions):
     # ``model_config`` is pydantic's own class attribute, so the option lives under another field
     # name and is read from the ``model_config`` key through its alias (the only accepted spelling)
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    path_keys: ClassVar[dict[str, str]] = {"weights": "file"}
     model_name: str  # an open_clip architecture, e.g. ViT-B-32 (see open_clip.list_models())
     weights: str | None = None  # local file with a full open_clip (CLIP) state dict
     # a custom architecture {embed_dim, vision_cfg, text_cfg}, registered under model_name
     arch_config: dict[str, Any] | None = Field(None, alias="model_config")
-    img_size: int | None = Field(None, gt=0)
+    img_size: int | None = Field(None, gt=0)  # input side in pixels (force_image_size); default: the architecture's
 
 
 def import_open_clip(needed_by: str = "model.encoders.*.type 'open_clip'"):
@@ -99,12 +100,13 @@ EXAMPLE = {
     example=EXAMPLE,
 )
 class OpenClipEncoder(Encoder):
-    def __init__(self, opts: OpenClipOptions):
+    def __init__(self, opts: OpenClipOptions, skeleton: bool = False):
         super().__init__(opts.select_layers)
         kwargs: dict[str, Any] = {}
         if opts.img_size is not None:
             kwargs["force_image_size"] = opts.img_size
-        model = create_open_clip(opts.model_name, opts.arch_config, opts.weights, **kwargs)
+        weights = None if skeleton else opts.weights  # a skeleton (meta device) reads no weights
+        model = create_open_clip(opts.model_name, opts.arch_config, weights, **kwargs)
         self.visual = model.visual  # the text tower is dropped with ``model``
         if not hasattr(self.visual, "forward_intermediates"):
             raise ValueError(f"open_clip visual tower {type(self.visual).__name__} has no forward_intermediates")

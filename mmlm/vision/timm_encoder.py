@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from pydantic import Field
@@ -12,12 +12,17 @@ from mmlm.vision._base import Encoder, EncoderOptions, ImageTransform, local_fil
 
 
 class TimmOptions(EncoderOptions):
-    model_name: str
+    # options that name files or folders: relative ones are read from the config file's folder
+    path_keys: ClassVar[dict[str, str]] = {"weights": "file"}
+    model_name: str  # a timm architecture, e.g. vit_base_patch16_224 (see timm.list_models())
     weights: str | None = None  # local .safetensors/.bin/.pth file with the model's weights
+    # input side in pixels (square), passed to timm.create_model (convolutional nets take any size);
+    # default: the model's pretrained input size
     img_size: int | None = Field(None, gt=0)
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # e.g. {depth: 4, embed_dim: 128, patch_size: 8}
-    mean: list[float] | None = None
-    std: list[float] | None = None
+    # more timm.create_model arguments, e.g. {depth: 4, embed_dim: 128, patch_size: 8}
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    mean: list[float] | None = None  # per-channel RGB mean of pixels in [0, 1]; default: the model's timm data config
+    std: list[float] | None = None  # per-channel RGB std, divides (pixel - mean); default: the model's timm data config
     # learned absolute position embedding added to the output tokens: gives a convolutional
     # backbone's tokens an identity of place (ViTs have their own)
     pos_embed: bool = False
@@ -34,7 +39,7 @@ EXAMPLE = {
     "timm", options=TimmOptions, summary="any timm model (from scratch or a local weights file)", example=EXAMPLE
 )
 class TimmEncoder(Encoder):
-    def __init__(self, opts: TimmOptions):
+    def __init__(self, opts: TimmOptions, skeleton: bool = False):
         super().__init__(opts.select_layers)
         import timm
         from timm.data import resolve_data_config
@@ -42,7 +47,7 @@ class TimmEncoder(Encoder):
         kwargs = dict(opts.kwargs)
         if opts.img_size is not None:
             kwargs["img_size"] = opts.img_size
-        if opts.weights is not None:
+        if opts.weights is not None and not skeleton:  # a skeleton (meta device) reads no weights
             path = local_file(opts.weights, "model.encoders.*.weights")
             kwargs["pretrained"] = True
             kwargs["pretrained_cfg_overlay"] = {"file": str(path), "num_classes": 0}
