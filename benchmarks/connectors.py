@@ -54,6 +54,7 @@ class StepTimer:
 
     def stage_start(self, name, total, start, info):
         self._last = time.perf_counter()
+        self._every = info.get("log_every", 50)  # the loss given is the mean over these steps
         if self.verbose:
             print(f"  stage {name}: {total} steps, {info.get('samples')} samples", file=sys.stderr, flush=True)
 
@@ -61,7 +62,7 @@ class StepTimer:
         now = time.perf_counter()
         self.times.append(now - self._last)
         self._last = now
-        if self.verbose and (step == total or step % max(1, total // 5) == 0):
+        if self.verbose and (step == total or step % self._every == 0):
             print(f"    {name} {step}/{total} loss {loss:.3f}", file=sys.stderr, flush=True)
 
     def eval(self, name, step, metrics):
