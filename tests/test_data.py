@@ -235,7 +235,9 @@ def test_remote_inline_and_unknown_image_shapes_are_refused_up_front_naming_the_
     assert len(ds) == 0 and ds.skipped == {"unsupported format": len(rows)}
     with pytest.raises(SampleError) as err:
         StageDataset(recs, model.processor, "error")
-    assert "d.json[0]" in str(err.value) and remote in str(err.value)
+    assert str(err.value).startswith(f"{tmp_path / 'd.json'}: sample 0 (id 0): turn 0 content[0]") and remote in str(
+        err.value
+    )
 
 
 def test_a_malformed_image_entry_under_skip_is_counted_once_and_training_goes_on(tmp_path):

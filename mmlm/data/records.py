@@ -66,13 +66,14 @@ def image_ref(value: Any, what: str, where: str) -> str:
         value = value["path"]
     if not isinstance(value, str):
         raise SampleError(
-            f'{where}: {what} is {_show(value)}; only local image paths are read: a string or {{"path": ...}}',
+            f'{what} is {_show(value)}; only local image paths are read: a string or {{"path": ...}}',
             "unsupported format",
+            where=where,
         )
     if value[:7].lower() == "file://":
         return unquote(value[7:])
     if _URL.match(value):
-        raise SampleError(f"{where}: {what} is {_show(value)}: {REMOTE_REFUSED}", "unsupported format")
+        raise SampleError(f"{what} is {_show(value)}: {REMOTE_REFUSED}", "unsupported format", where=where)
     return value
 
 
@@ -83,7 +84,7 @@ def _part_image(part: dict, what: str, where: str) -> str | None:
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
         if not isinstance(url, str):
-            raise SampleError(f"{where}: {what} has no 'image_url': {{'url': ...}}", "bad format")
+            raise SampleError(f"{what} has no 'image_url': {{'url': ...}}", "bad format", where=where)
         return image_ref(url, what, where)
     for key in ("image", "path", "url"):
         if part.get(key) is not None:
@@ -112,12 +113,13 @@ def read_conversation(conversations: list, images: list, where: str) -> tuple[li
     msgs = []
     for k, turn in enumerate(conversations):
         if not isinstance(turn, dict):
-            raise SampleError(f"{where}: turn {k} must be an object with 'from' and 'value'", "bad format")
+            raise SampleError(f"turn {k} must be an object with 'from' and 'value'", "bad format", where=where)
         role = ROLE_OF.get(turn.get("from", turn.get("role")))
         if role is None:
             raise SampleError(
-                f"{where}: turn {k} has 'from'={turn.get('from', turn.get('role'))!r}; expected human, gpt or system",
+                f"turn {k} has 'from'={turn.get('from', turn.get('role'))!r}; expected human, gpt or system",
                 "bad format",
+                where=where,
             )
         content = turn.get("value", turn.get("content"))
         if isinstance(content, str):
@@ -125,14 +127,14 @@ def read_conversation(conversations: list, images: list, where: str) -> tuple[li
             msgs.append({"role": role, "content": content})
             continue
         if not isinstance(content, list):
-            raise SampleError(f"{where}: turn {k} has no text 'value'", "bad format")
+            raise SampleError(f"turn {k} has no text 'value'", "bad format", where=where)
         pieces = []
         for j, part in enumerate(content):
             what = f"turn {k} content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
                 if not isinstance(part.get("text"), str):
-                    raise SampleError(f"{where}: {what} is a text part without a string 'text'", "bad format")
+                    raise SampleError(f"{what} is a text part without a string 'text'", "bad format", where=where)
                 take(part["text"].count(IMAGE_PLACEHOLDER))
                 if part["text"]:
                     pieces.append(part["text"])
@@ -146,8 +148,9 @@ def read_conversation(conversations: list, images: list, where: str) -> tuple[li
                 pieces.append(IMAGE_PLACEHOLDER)
             else:
                 raise SampleError(
-                    f"{where}: {what} is {_show(part)}; content parts read: text, image, image_url",
+                    f"{what} is {_show(part)}; content parts read: text, image, image_url",
                     "unsupported format",
+                    where=where,
                 )
         msgs.append({"role": role, "content": "\n".join(pieces)})
     if pending and not placeholders:

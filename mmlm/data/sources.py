@@ -54,22 +54,23 @@ def _read_json_rows(path: Path) -> list[dict]:
 def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -> Record:
     where = f"{source}[{index}]"
     if not isinstance(row, dict):
-        raise SampleError(f"{where}: a row must be a JSON object, not {type(row).__name__}", "bad format", index)
+        raise SampleError(f"a row must be a JSON object, not {type(row).__name__}", "bad format", index, where=where)
     key = "image" if "image" in row else "images"
     listed = row.get(key)
     listed = [] if listed is None else [listed] if isinstance(listed, (str, dict)) else listed
     if not isinstance(listed, list):
         raise SampleError(
-            f"{where}: {key!r} is {type(listed).__name__}; expected an image path or a list of them",
+            f"{key!r} is {type(listed).__name__}; expected an image path or a list of them",
             "unsupported format",
             index,
+            where=where,
         )
     # a path string, a file:// path or {"path": ...}; URLs, inline data and other shapes are refused
     images = [image_ref(v, f"{key}[{j}]", where) for j, v in enumerate(listed)]
     if "conversations" in row or "messages" in row:
         turns = row.get("conversations", row.get("messages"))
         if not isinstance(turns, list) or not turns:
-            raise SampleError(f"{where}: 'conversations' must be a non-empty list of turns", "bad format", index)
+            raise SampleError("'conversations' must be a non-empty list of turns", "bad format", index, where=where)
         # OpenAI-style content parts are read too; images come back in the order of their placeholders
         msgs, images = read_conversation(turns, images, where)
         info = {k: row[k] for k in ("question_types",) if k in row}
@@ -82,7 +83,7 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
             msgs.append({"role": "assistant", "content": str(row["answer"])})
         info = {"question_types": [row.get("type", "all")]}
     else:
-        raise SampleError(f"{where}: needs 'conversations' (LLaVA) or 'question'/'answer' keys", "bad format", index)
+        raise SampleError("needs 'conversations' (LLaVA) or 'question'/'answer' keys", "bad format", index, where=where)
     return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index)
 
 
