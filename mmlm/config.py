@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from mmlm.errors import ConfigError
 from mmlm.images import DEFAULT_MAX_PIXELS
 from mmlm.modalities import MODALITIES
-from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES
+from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES, POOLINGS
 
 
 class Strict(BaseModel):
@@ -63,6 +63,29 @@ class DataSource(Part):
     weight: float = Field(1.0, gt=0)
 
 
+class PromptSet(Strict):
+    """How an item is written before it is embedded: ``{text}`` and ``{instruction}`` are filled in,
+    ``<image>`` stands for the image. One template per kind of item."""
+
+    text: str = "{instruction}{text}"  # a text alone (E5-V: "{text}\nSummary above sentence in one word:")
+    image: str = "{instruction}<image>"  # an image alone (E5-V: "<image>\nSummary above image in one word:")
+    both: str = "{instruction}<image>\n{text}"  # an image with a text (VLM2Vec: instruction, image, question)
+    instruction: str = "{instruction}\n"  # how an instruction is written where a template says {instruction}
+
+
+class EmbeddingConfig(Strict):
+    """How ``MultimodalLM.embed`` turns an item into one vector (``mmlm embed``, retrieval, the
+    contrastive objective)."""
+
+    pooling: Component = Field(default_factory=lambda: Component(type="last"))  # last, mean or latent_attention
+    query: PromptSet = Field(default_factory=PromptSet)  # templates for queries (and for candidates by default)
+    candidate: PromptSet | None = None  # templates for candidates when they differ (VLM2Vec, GME)
+    # wrap the prompt in a user turn of the chat template and pool at the end of its generation prompt;
+    # false: the plain prompt with the tokenizer's end token appended (by mmlm, whatever the tokenizer does)
+    chat_template: bool = True
+    dim: int | None = Field(None, gt=0)  # Matryoshka: keep the first dim values (then renormalise)
+
+
 class ModelConfig(Strict):
     encoders: dict[str, Component] = Field(default_factory=dict)  # modality (image, audio) -> encoder part
     connectors: dict[str, Component] = Field(default_factory=dict)  # modality -> connector part (one per encoder)
@@ -70,6 +93,7 @@ class ModelConfig(Strict):
     # a learned position embedding per media token, added in the LLM's space after the connector
     # (zero at init): tells the LLM which token of an image it is reading
     media_position: dict[str, Literal["learned"]] = Field(default_factory=dict)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)  # how the model embeds items
 
     @field_validator("encoders", "connectors", "media_position")
     @classmethod
@@ -296,6 +320,7 @@ def validate_components(cfg: PipelineConfig) -> None:
     for m, comp in cfg.model.connectors.items():
         comp.parsed(CONNECTORS, f"model.connectors.{m}")
     cfg.model.llm.parsed(LLM_SOURCES, "model.llm")
+    cfg.model.embedding.pooling.parsed(POOLINGS, "model.embedding.pooling")
     if cfg.train is not None:
         for i, st in enumerate(cfg.train.stages):
             if st.eval_every and cfg.train.eval is None:

@@ -22,6 +22,7 @@ from torch import nn
 
 from mmlm.config import PipelineConfig
 from mmlm.connectors import build_connector
+from mmlm.embed.pooling import build_pooling
 from mmlm.errors import ConfigError, PlaceholderMismatch
 from mmlm.images import load_image
 from mmlm.llm import load_llm
@@ -56,12 +57,15 @@ class MultimodalLM(nn.Module):
         llm,
         tokenizer,
         pretrained_prefixes: Iterable[str] = (),
+        pooler: nn.Module | None = None,
     ):
         super().__init__()
         self.config = config
         self.encoders = encoders
         self.connectors = connectors
         self.llm = llm
+        # pools hidden states into one vector per sequence (``embed``); learned for latent attention
+        self.pooler = pooler if pooler is not None else build_pooling(config.model.embedding.pooling, _width(llm))
         self.tokenizer = tokenizer
         # parameter-name prefixes whose weights come from a pretrained source the checkpoint references
         self.pretrained_prefixes = tuple(pretrained_prefixes)
@@ -143,6 +147,35 @@ class MultimodalLM(nn.Module):
             use_cache=False,
         )
         return MultimodalOutput(out.logits, out.loss, getattr(out, "hidden_states", None), media_tokens)
+
+    # ------------------------------------------------------------------ embeddings
+    @property
+    def embedding_width(self) -> int:
+        return _width(self.llm)
+
+    def pool(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The pooled final hidden states ``[B, D]`` of a processor batch, with gradients (the
+        contrastive objective trains through it); neither normalised nor truncated."""
+        ids = batch["input_ids"].to(self.device)
+        mask = batch["attention_mask"].to(self.device)
+        embeds, _ = self.embed_inputs(ids, batch)
+        pos = batch.get("position_ids")
+        pos = pos.to(self.device) if pos is not None else (mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        return self.pooler(hidden, mask)
+
+    def embed(
+        self, items, instruction: str | None = None, dim: int | None = None, side: str = "query", batch_size: int = 32
+    ) -> torch.Tensor:
+        """L2-normalised float32 vectors ``[N, D]`` for texts, images (PIL images or ``pathlib.Path``)
+        or mappings with ``text``/``image``/``instruction``, written with ``model.embedding``'s prompt
+        templates for ``side`` (query or candidate) and pooled by its pooling; ``dim`` truncates
+        (Matryoshka) before normalising. One item (not a list) gives ``[1, D]``."""
+        from mmlm.embed.extract import embed
+
+        if isinstance(items, (str, dict)) or not isinstance(items, (list, tuple)):
+            items = [items]
+        return embed(self, list(items), instruction=instruction, dim=dim, side=side, batch_size=batch_size)
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
@@ -326,6 +359,10 @@ def skeleton(config: PipelineConfig) -> MultimodalLM:
         return _assemble(config, load_llm(config.model.llm, skeleton=True), skeleton=True)
 
 
+def _width(llm) -> int:
+    return int(llm.get_input_embeddings().weight.shape[1])
+
+
 def _at(key: str, make: Callable, *args, **kwargs):
     """``make(...)``, with a part's refusal of its options (a ValueError from timm, transformers or
     the part itself) reported at the part's key path."""
@@ -364,4 +401,5 @@ def _assemble(config: PipelineConfig, loaded, skeleton: bool = False) -> Multimo
             where=f"model.connectors.{name}",
             layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
         )
-    return MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes)
+    pooler = _at("model.embedding.pooling", build_pooling, config.model.embedding.pooling, llm_dim)
+    return MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes, pooler)

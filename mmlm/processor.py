@@ -150,8 +150,10 @@ class Processor:
         add_generation_prompt: bool = False,
         index: int | None = None,
         meta: dict[str, Sequence[Any]] | None = None,
+        segments: list[tuple[str, bool]] | None = None,
     ) -> Encoded:
-        """Tokenise one conversation. ``media`` maps a modality to its items in order of appearance."""
+        """Tokenise one conversation (or ready ``segments``). ``media`` maps a modality to its items in
+        order of appearance."""
         media = dict(media or {})
         for name in media:
             if name not in self.media:
@@ -160,7 +162,7 @@ class Processor:
                     "bad media",
                     index,
                 )
-        ids, labels, used = self._tokens(messages, add_generation_prompt, index)
+        ids, labels, used = self._tokens(messages, add_generation_prompt, index, segments)
         out_media: dict[str, list[torch.Tensor]] = {}
         for name, spec in self.media.items():
             items = list(media.get(name, []))
@@ -185,10 +187,55 @@ class Processor:
             return spec.transform(item, resize=self.config.resize)
         return spec.transform(item)
 
-    def _tokens(self, messages: Sequence[dict], add_generation_prompt: bool, index: int | None):
+    def prompt_segments(self, prompt: str, chat_template: bool) -> tuple[list[tuple[str, bool]], list[int]]:
+        """An embedding prompt as segments, and the token ids it must end with: the end of the chat
+        template's generation prompt after a user turn holding ``prompt``, or (``chat_template``
+        false) the prompt alone followed by the tokenizer's end token, which mmlm appends itself
+        rather than trusting the tokenizer to add it."""
+        if chat_template:
+            segs = self._segments([{"role": "user", "content": prompt}], add_generation_prompt=True)
+            return segs, self._tok(segs[-1][0])
+        bos = self.tokenizer.bos_token
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("model.embedding.chat_template: false appends the end token, but the tokenizer has none")
+        return [*([(bos, False)] if bos else []), (prompt, False)], [int(eos)]
+
+    def encode_prompt(
+        self, prompt: str, media: dict[str, Sequence[Any]] | None, chat_template: bool, index: int | None = None
+    ) -> Encoded:
+        """Tokenise an embedding prompt (see ``prompt_segments``); the sequence is checked to end with
+        the token pooling reads."""
+        segs, end = self.prompt_segments(prompt, chat_template)
+        if not end:
+            raise ValueError(
+                "the chat template's generation prompt tokenises to nothing, so there is no end token to pool; "
+                "set model.embedding.chat_template: false"
+            )
+        enc = self.encode([], media, index=index, segments=segs)
+        if not chat_template:
+            enc.input_ids.append(end[0])
+            enc.labels.append(IGNORE_INDEX)
+        if enc.input_ids[-len(end) :] != end:
+            raise SampleError(
+                f"the prompt does not end with the token pooling reads ({end[-1]}); the tokenizer changed it",
+                "bad template",
+                index,
+            )
+        if len(enc.input_ids) > self.config.max_length:
+            raise SampleTooLong(len(enc.input_ids), self.config.max_length, index)
+        return enc
+
+    def _tokens(
+        self,
+        messages: Sequence[dict],
+        add_generation_prompt: bool,
+        index: int | None,
+        segments: list[tuple[str, bool]] | None = None,
+    ):
         """Input ids (placeholder runs expanded), labels, and the number of placeholders per modality."""
         try:
-            segs = self._segments(messages, add_generation_prompt)
+            segs = segments if segments is not None else self._segments(messages, add_generation_prompt)
         except SampleError as err:
             raise SampleError(err.detail, err.reason, index) from None
         ids: list[int] = []

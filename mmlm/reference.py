@@ -92,10 +92,12 @@ def config_reference() -> str:
     """The reference as Markdown."""
     from mmlm.config import (
         DataSource,
+        EmbeddingConfig,
         EvalConfig,
         ModelConfig,
         PipelineConfig,
         ProcessorConfig,
+        PromptSet,
         StageConfig,
         TrainConfig,
     )
@@ -110,6 +112,10 @@ def config_reference() -> str:
         "`model.encoders.MODALITY`, `model.connectors.MODALITY` and `model.llm` are parts: `type` names "
         "one (below) and the other keys are its options.",
     ]
+    out += ["", "#### `model.embedding`", ""]
+    out += _table(EmbeddingConfig, "model.embedding.")
+    out += ["", "#### `model.embedding.query` and `model.embedding.candidate` (prompt templates)", ""]
+    out += _table(PromptSet, "")
     out += ["", "#### `processor`", ""]
     out += _table(ProcessorConfig, "processor.")
     out += ["", "#### `train`", ""]

@@ -122,6 +122,7 @@ CONNECTORS = Registry(
 LLM_SOURCES = Registry("llm source", packages=("mmlm.llm",))
 DATA_FORMATS = Registry("data format", packages=("mmlm.data.sources",))
 OBJECTIVES = Registry("objective", packages=("mmlm.objectives",))
+POOLINGS = Registry("pooling", packages=("mmlm.embed.pooling",))
 
 ALL = {
     "encoders": ENCODERS,
@@ -129,4 +130,5 @@ ALL = {
     "llm sources": LLM_SOURCES,
     "data formats": DATA_FORMATS,
     "objectives": OBJECTIVES,
+    "poolings": POOLINGS,
 }

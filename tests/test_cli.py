@@ -53,10 +53,12 @@ def test_list_prints_every_registry():
         "shapes",
         "lm",
         "sea",
+        "last",
+        "latent_attention",
     ):
         assert f"  {name} " in r.output, name
     sections = [line for line in r.output.splitlines() if line and not line.startswith(" ")]
-    assert sections == ["encoders", "connectors", "llm sources", "data formats", "objectives"]
+    assert sections == ["encoders", "connectors", "llm sources", "data formats", "objectives", "poolings"]
 
 
 CONNECTORS = {

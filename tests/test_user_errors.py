@@ -268,10 +268,12 @@ def test_help_and_argument_errors_answer_without_importing_torch(args):
 def test_the_readme_config_reference_is_the_generated_one_and_covers_every_key():
     from mmlm.config import (
         DataSource,
+        EmbeddingConfig,
         EvalConfig,
         ModelConfig,
         PipelineConfig,
         ProcessorConfig,
+        PromptSet,
         StageConfig,
         TrainConfig,
     )
@@ -283,7 +285,8 @@ def test_the_readme_config_reference_is_the_generated_one_and_covers_every_key()
     assert section_of(readme) == text, "run: mmlm config reference --readme README.md"
     rows = [ln for ln in text.splitlines() if ln.startswith("| `")]
     keys = [r.split("|")[1].strip().strip("`").rsplit(".", 1)[-1] for r in rows]
-    for model in (PipelineConfig, ModelConfig, ProcessorConfig, TrainConfig, StageConfig, DataSource, EvalConfig):
+    schema = (PipelineConfig, ModelConfig, EmbeddingConfig, PromptSet, ProcessorConfig, TrainConfig, StageConfig)
+    for model in (*schema, DataSource, EvalConfig):
         for name, field in model.model_fields.items():
             assert field.exclude or (field.alias or name) in keys, (model.__name__, name)
     for registry in ALL.values():
