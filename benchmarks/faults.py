@@ -87,7 +87,7 @@ def campaign(work: Path, kills: int, steps: int, seed: int = 0, log=print) -> di
     done, killed, runs, resumed_at = False, 0, 0, None
     # first the deterministic one: killed between the two renames of the 2nd state save
     proc = start(cfg_path, out, False, {**env, "MMLM_KILL_AT_SAVE": "2"})
-    proc.communicate(timeout=300)
+    proc.communicate(timeout=900)  # a loaded 2-core machine is slow
     runs += 1
     killed += proc.returncode == -signal.SIGKILL
     while not done:
@@ -102,7 +102,7 @@ def campaign(work: Path, kills: int, steps: int, seed: int = 0, log=print) -> di
                     break
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
-        proc.communicate(timeout=300)
+        proc.communicate(timeout=900)  # a loaded 2-core machine is slow
         if proc.returncode == -signal.SIGKILL:
             killed += 1
         elif proc.returncode == 0:
