@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 from rich.console import Console
@@ -281,15 +282,23 @@ def _print_table(title: str, m: dict) -> None:
 @friendly
 def eval_cmd(
     checkpoint: Path,
-    data: Path = typer.Option(..., help="LLaVA JSON/JSONL or questions JSONL"),
+    data: Path = typer.Option(..., help="vqa: LLaVA JSON/JSONL or questions JSONL; retrieval: MMEB rows (JSON/JSONL)"),
     image_root: Path | None = typer.Option(None, help="folder the image paths are relative to"),
-    out: Path | None = typer.Option(None, help="write metrics JSON here, with every prediction"),
+    out: Path | None = typer.Option(None, help="write metrics JSON here, with every prediction (or skipped row)"),
     max_questions: int | None = None,
     batch_size: int = 64,
     max_new_tokens: int = 16,
+    task: Literal["vqa", "retrieval"] = typer.Option("vqa", help="vqa: answers; retrieval: MMEB-style ranking"),
+    dim: int | None = typer.Option(None, help="retrieval: Matryoshka dimension of the embeddings"),
+    instruction: str | None = typer.Option(None, help="retrieval: instruction given to every query"),
 ):
-    """Exact-match accuracy, overall and per question type."""
+    """vqa: exact-match accuracy, overall and per question type. retrieval: P@1, R@5, nDCG@10 and
+    MRR of each query's own candidate list (the positive first), per subset and overall."""
     _quiet()
+    if task == "retrieval":
+        return _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruction)
+    if dim is not None or instruction is not None:
+        _fail(ValueError("--dim and --instruction are options of --task retrieval"))
     from mmlm.checkpoint import load
     from mmlm.data.dataset import StageDataset
     from mmlm.data.sources import LlavaOptions, read_llava
@@ -316,6 +325,131 @@ def eval_cmd(
     _print_table(f"{checkpoint} on {data}", m)
     if out:
         out.write_text(json.dumps(m, indent=2))
+
+
+def _rate_progress():
+    """A progress bar on stderr with items per second."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            speed = task.speed or (task.completed / task.elapsed if task.elapsed else None)
+            return Text(f"{speed:.1f} items/s" if speed else "- items/s")
+
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        Rate(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    )
+
+
+@app.command("embed")
+@friendly
+def embed_cmd(
+    checkpoint: Path,
+    input: Path = typer.Option(..., "--input", help="JSONL rows {id?, text?, image?, instruction?}"),
+    output: Path = typer.Option(..., "--output", help=".npy (ids in NAME.ids.json), .parquet or .safetensors"),
+    image_root: Path | None = typer.Option(None, help="folder image paths are relative to (default: the input's)"),
+    batch_size: int = typer.Option(32, help="items per forward"),
+    dim: int | None = typer.Option(None, help="Matryoshka: keep the first DIM values, then renormalise"),
+    instruction: str | None = typer.Option(None, help="instruction for rows without their own"),
+    side: Literal["query", "candidate"] = typer.Option("query", help="which prompt templates of the config"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1, mps (default: where the model loads)"),
+    on_bad_sample: Literal["skip", "error"] = typer.Option(
+        "skip", help="skip: leave a bad row out, name it and list it in NAME.skipped.jsonl; error: stop"
+    ),
+):
+    """Embed every row of a JSONL file into .npy, .parquet or .safetensors (L2-normalised float32)."""
+    _quiet()
+    import time
+
+    from rich.markup import escape
+
+    from mmlm.checkpoint import load
+    from mmlm.embed.files import check_output, embed_file
+
+    check_output(output)  # a wrong suffix or a missing pyarrow, before the model loads
+    model = load(checkpoint, device=device)
+    start = time.perf_counter()
+    with _rate_progress() as bar:
+        task = bar.add_task("embedding", total=None)
+        res = embed_file(
+            model,
+            input,
+            output,
+            image_root=image_root,
+            batch_size=batch_size,
+            dim=dim,
+            instruction=instruction,
+            side=side,
+            on_bad_sample=on_bad_sample,
+            on_start=lambda n: bar.update(task, total=n),
+            on_progress=lambda n: bar.advance(task, n),
+            on_skip=lambda s: bar.console.print(
+                f"[yellow]skipped[/] {escape(s.where(str(input)))}: {escape(s.reason)}: {escape(s.message)}",
+                soft_wrap=True,
+            ),
+        )
+    seconds = time.perf_counter() - start
+    if res["skipped_file"]:
+        err_console.print(f"skipped {res['skipped']} rows, listed in {res['skipped_file']}", soft_wrap=True)
+    if not res["embedded"]:
+        _fail(ValueError(f"{input}: no row could be embedded ({res['skipped']} skipped); nothing written"))
+    extra = f" (ids in {res['ids']})" if res["ids"] else ""
+    err_console.print(
+        f"embedded {res['embedded']} rows in {seconds:.1f}s ({res['embedded'] / max(seconds, 1e-9):.1f} items/s) "
+        f"into {res['output']}{extra}",
+        soft_wrap=True,
+    )
+
+
+def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruction) -> None:
+    from rich.markup import escape
+
+    from mmlm.checkpoint import load
+    from mmlm.embed.retrieval import evaluate_retrieval
+
+    model = load(checkpoint)
+    with _rate_progress() as bar:
+        task = bar.add_task("embedding", total=None)
+        m = evaluate_retrieval(
+            model,
+            data,
+            image_root=image_root,
+            batch_size=batch_size,
+            dim=dim,
+            instruction=instruction,
+            on_start=lambda n: bar.update(task, total=n),
+            on_progress=lambda n: bar.advance(task, n),
+        )
+    skipped = m["skipped"]
+    for s in skipped["rows"][:10]:
+        err_console.print(
+            f"[yellow]skipped[/] {escape(s['where'])}: {escape(s['reason'])}: {escape(s['message'])}", soft_wrap=True
+        )
+    if skipped["count"]:
+        more = f"; all in {out}" if out else ""
+        err_console.print(f"skipped {skipped['count']} rows {skipped['by_reason']}{more}", soft_wrap=True)
+    t = Table(title=f"{checkpoint} on {data}")
+    for col in ("subset", "n", "P@1", "R@5", "nDCG@10", "MRR"):
+        t.add_column(col, justify="left" if col == "subset" else "right")
+    shown = [*m["subsets"].items(), *([("[bold]mean of subsets[/]", m["macro"])] if "macro" in m else [])]
+    for name, r in [*shown, ("[bold]all[/]", m["overall"])]:
+        t.add_row(
+            name,
+            str(r["n"]),
+            *("-" if r[k] is None else f"{r[k]:.3f}" for k in ("precision@1", "recall@5", "ndcg@10", "mrr")),
+        )
+    console.print(t)
+    if out:
+        out.write_text(json.dumps(m, indent=2))
+    if not m["overall"]["n"]:
+        _fail(ValueError(f"{data}: no row could be evaluated ({skipped['count']} skipped)"))
 
 
 @app.command("demo")
