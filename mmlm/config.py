@@ -329,9 +329,34 @@ def validate_components(cfg: PipelineConfig) -> None:
                 src.parsed(DATA_FORMATS, f"train.stages.{i}.data.{j}")
             for j, obj in enumerate(st.objectives):
                 obj.parsed(OBJECTIVES, f"train.stages.{i}.objectives.{j}")
+            check_data_kinds(st, f"train.stages.{i}")
         if cfg.train.eval is not None:
             for j, src in enumerate(cfg.train.eval.data):
                 src.parsed(DATA_FORMATS, f"train.eval.data.{j}")
+
+
+def check_data_kinds(st: StageConfig, where: str) -> None:
+    """A stage's sources hold one kind of record (``SourceOptions.data_kind``: conversations or
+    pairs) and every objective it lists trains on that kind (``Objective.data_kind``)."""
+    formats: dict[str, list[str]] = {}
+    for j, src in enumerate(st.data):
+        kind = getattr(src.parsed(DATA_FORMATS, f"{where}.data.{j}"), "data_kind", "conversations")
+        formats.setdefault(kind, []).append(src.format)
+    if len(formats) > 1:
+        mixed = " and ".join(f"{k} (format {', '.join(sorted(set(v)))})" for k, v in formats.items())
+        raise ConfigError(f"the stage's sources mix {mixed}; a stage reads one kind of data", f"{where}.data")
+    ((kind, fmts),) = formats.items()
+    fmts = sorted(set(fmts))
+    for obj in st.objectives:
+        need = getattr(OBJECTIVES.get(obj.type).target, "data_kind", "conversations")
+        if need != kind:
+            readers = [n for n in OBJECTIVES.names() if getattr(OBJECTIVES.get(n).target, "data_kind", None) == kind]
+            raise ConfigError(
+                f"{obj.type} trains on {need}, but this stage's data is {kind} (format {', '.join(fmts)}); "
+                f"on {kind} data list {' or '.join(readers) or 'an objective that reads it'}, and train "
+                f"{obj.type} in a stage of its own",
+                f"{where}.objectives",
+            )
 
 
 def parse_config(

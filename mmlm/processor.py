@@ -264,6 +264,12 @@ class Processor:
         it, without loading media."""
         return len(self._tokens(messages, False, None)[0])
 
+    def count_prompt_tokens(self, prompt: str, chat_template: bool) -> int:
+        """Length of an embedding prompt in LLM positions (media expanded), exactly as
+        ``encode_prompt`` builds it, without loading media."""
+        segs, _ = self.prompt_segments(prompt, chat_template)
+        return len(self._tokens([], False, None, segs)[0]) + (0 if chat_template else 1)
+
     def collate(self, samples: Sequence[Encoded], padding_side: str | None = None) -> dict[str, Any]:
         """Pad and stack encoded samples into a batch with transformers' keys: ``input_ids``,
         ``attention_mask``, ``position_ids``, ``labels`` (-100 off the assistant turns), one tensor per

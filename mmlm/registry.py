@@ -120,7 +120,7 @@ CONNECTORS = Registry(
     },
 )
 LLM_SOURCES = Registry("llm source", packages=("mmlm.llm",))
-DATA_FORMATS = Registry("data format", packages=("mmlm.data.sources",))
+DATA_FORMATS = Registry("data format", packages=("mmlm.data.sources", "mmlm.data.pairs"))
 OBJECTIVES = Registry("objective", packages=("mmlm.objectives",))
 POOLINGS = Registry("pooling", packages=("mmlm.embed.pooling",))
 

@@ -1,6 +1,7 @@
 """A stage's samples: records checked up front against the processor (lengths, media counts,
 image paths), with an ``on_bad_sample`` policy: ``error`` stops at the first bad sample naming its
-index and source, ``skip`` drops it and counts why."""
+index and source, ``skip`` drops it and counts why. Pairs records (``mmlm/data/pairs.py``) are
+checked and encoded as embedding prompts with ``embedding`` (the model's ``model.embedding``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmlm.data.pairs import PairEncoded, PairRecord, check_pair, collate_pairs, load_pair
 from mmlm.data.records import Record, resolve_image
 from mmlm.errors import SampleError
 from mmlm.images import load_image, to_rgb
@@ -21,8 +23,16 @@ log = logging.getLogger(__name__)
 
 
 class StageDataset:
-    def __init__(self, records: Sequence[Record], processor: Processor, policy: str = "error", name: str = "data"):
+    def __init__(
+        self,
+        records: Sequence[Record],
+        processor: Processor,
+        policy: str = "error",
+        name: str = "data",
+        embedding=None,  # the model's EmbeddingConfig: how pairs records are written (needed for them only)
+    ):
         self.processor = processor
+        self.embedding = embedding
         self.policy = policy
         self.name = name
         self.skipped: Counter = Counter()  # samples refused up front, by reason
@@ -43,8 +53,11 @@ class StageDataset:
         log.debug("skipped %s: %s", self.where(rec, i), err.detail)
 
     def where(self, rec: Record, i: int) -> str:
-        """A sample as its user finds it: the file and its row there (the stage's index when the
-        record came from no file)."""
+        """A sample as its user finds it: the file and its row there, or its line for line-numbered
+        rows (``pairs.jsonl:7``), or the stage's index when the record came from no file."""
+        if rec.source and rec.info.get("line") is not None:
+            line = rec.info["line"]
+            return f"{rec.source}:{line}" + (f" (id {rec.id})" if rec.id != str(line) else "")
         if rec.source and rec.row is not None:
             return f"{rec.source}: sample {rec.row} (id {rec.id})"
         return f"{rec.source or self.name}: sample {i} (id {rec.id})"
@@ -52,6 +65,10 @@ class StageDataset:
     def _check(self, rec: Record, i: int) -> list:
         if "error" in rec.info:
             raise rec.info["error"]
+        if isinstance(rec, PairRecord):
+            if self.embedding is None:
+                raise ValueError(f"{self.name}: pairs records need the model's embedding config (embedding=)")
+            return check_pair(rec, self.processor, self.embedding)
         paths = []
         for img in rec.images:
             if isinstance(img, str):
@@ -87,8 +104,17 @@ class StageDataset:
     def load(self, i: int) -> Encoded:
         """Encode sample ``i``; raises SampleError for a sample that turns out bad (corrupt image)."""
         rec = self.records[i]
+        if isinstance(rec, PairRecord):
+            return load_pair(self.paths[i], self.processor, self.embedding.chat_template, i)
         images = self.images(i)
         return self.processor.encode(rec.messages, {"image": images} if images else None, index=i, meta=rec.meta)
+
+    def collate(self, samples: list) -> dict:
+        """A micro-batch of loaded samples: the processor's batch, or for pairs its ``query`` and
+        ``candidate`` sub-batches (``collate_pairs``)."""
+        if samples and isinstance(samples[0], PairEncoded):
+            return collate_pairs(self.processor, samples)
+        return self.processor.collate(samples)
 
     def images(self, i: int) -> list:
         """Sample ``i``'s images, decoded (files) or as given (in-memory images)."""

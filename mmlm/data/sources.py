@@ -17,6 +17,8 @@ from mmlm.registry import DATA_FORMATS
 
 class SourceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # what its records hold: conversations (lm, sea), or pairs (query / positive / negatives: contrastive)
+    data_kind: ClassVar[str] = "conversations"
     max_samples: int | None = Field(None, gt=0)  # read only the source's first N samples; null: all of them
 
 

@@ -26,6 +26,22 @@ objective is not an ``nn.Module`` and holds no trainable weights (what is learne
 model, so it is saved with it); a training-time helper such as SEA's frozen CLIP scorer is a plain
 attribute of the objective, so it never reaches the model's state dict, the optimizer or a
 checkpoint. ``ObjectiveOptions.texts`` names the words a from-scratch tokenizer must cover for it.
+
+Two class attributes extend this for objectives that embed pairs (``contrastive``):
+
+- ``data_kind``: the records it trains on, ``"conversations"`` (the default: llava, hf, shapes) or
+  ``"pairs"`` (the ``pairs`` format). It must match the ``data_kind`` of every data source of the
+  stage (``SourceOptions.data_kind``); the config check refuses a stage that mixes them, naming
+  ``train.stages.N.objectives`` (or ``.data``). On pairs data a micro-batch is
+  ``{"query": batch, "candidate": batch}`` (two processor batches; ``mmlm/data/pairs.py``), the
+  trainer runs no forward of its own and ``output`` is None: the objective runs the model it was
+  built with (``model.pool``).
+- ``handles_backward``: when true (an instance may set it from its options), the trainer does not
+  call ``objective(output, batch, step)`` and back-propagate the sum; it calls
+  ``objective.backward_step(batch, step, scale, backward)`` instead, which computes the losses,
+  back-propagates ``scale * sum(losses)`` through ``backward`` (accelerate's, so mixed-precision loss
+  scaling applies) in as many passes as it likes (GradCache), and returns the losses, unweighted and
+  detached, for logging. ``scale`` is the objective's weight over the stage's ``grad_accum``.
 """
 
 from __future__ import annotations
@@ -59,6 +75,8 @@ class StepInfo:
 
 class Objective(abc.ABC):
     needs_hidden_states: ClassVar[bool] = False
+    data_kind: ClassVar[str] = "conversations"  # or "pairs": see the module docstring
+    handles_backward: bool = False  # True: the trainer calls backward_step instead of __call__
 
     def __init__(self, opts: ObjectiveOptions, model, where: str):
         self.opts = opts
@@ -67,6 +85,13 @@ class Objective(abc.ABC):
     @abc.abstractmethod
     def __call__(self, output, batch: dict[str, Any], step: StepInfo) -> dict[str, torch.Tensor]:
         """Unweighted named losses for one micro-batch."""
+
+    def backward_step(
+        self, batch: dict[str, Any], step: StepInfo, scale: float, backward: Callable[[torch.Tensor], None]
+    ) -> dict[str, torch.Tensor]:
+        """For ``handles_backward`` objectives: back-propagate ``scale`` times the sum of the
+        micro-batch's losses with ``backward`` and return the unweighted losses, detached."""
+        raise NotImplementedError(f"{type(self).__name__} does not handle its backward pass")
 
 
 def build_objectives(stage, model, where: str) -> list[Objective]:

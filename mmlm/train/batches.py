@@ -53,7 +53,7 @@ class StageBatches:
         (``_skipped``: index and reason of each)."""
         skipped: list[tuple[int, str]] = []
         base = micro_index * self.batch_size
-        batch = self.data.processor.collate([self.load_sample(base + j, skipped) for j in range(self.batch_size)])
+        batch = self.data.collate([self.load_sample(base + j, skipped) for j in range(self.batch_size)])
         batch["_skipped"] = skipped
         batch["_position"] = micro_index
         return batch

@@ -22,6 +22,7 @@ import torch
 from mmlm.checkpoint import load
 from mmlm.config import PipelineConfig, StageConfig
 from mmlm.data.dataset import StageDataset
+from mmlm.data.pairs import batch_tokens
 from mmlm.data.sources import read_source
 from mmlm.errors import ConfigError, DataError, TrainingInterrupted, TrainingStopped
 from mmlm.evaluate import evaluate
@@ -147,7 +148,8 @@ class Trainer:
         return model
 
     def _dataset(self, model, sources, where: str, policy: str, name: str) -> StageDataset:
-        return StageDataset(load_records(sources, where, self._cache), model.processor, policy, name=name)
+        recs = load_records(sources, where, self._cache)
+        return StageDataset(recs, model.processor, policy, name=name, embedding=model.config.model.embedding)
 
     # -------------------------------------------------------------------------------- run
     def run(self, stage: str | None = None, resume: bool = False, model=None):
@@ -276,13 +278,20 @@ class Trainer:
         position = batch.pop("_position")
         info = StepInfo(run.st.name, position, lambda purpose: derive_seed(self.seed, run.index, position, purpose))
         hidden = any(o.needs_hidden_states for o in run.objectives)
-        out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
+        out = None  # objectives on pairs data run the model themselves (objectives/_base.py)
+        if any(o.data_kind == "conversations" for o in run.objectives):
+            out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
         losses: dict[str, torch.Tensor] = {}
         with run.accelerator.autocast():
             for obj in run.objectives:
                 if obj.opts.weight == 0:
                     continue
-                for name, value in obj(out, batch, info).items():
+                if obj.handles_backward:  # it back-propagates itself (GradCache); its losses come back detached
+                    scale = obj.opts.weight / run.st.grad_accum
+                    got = obj.backward_step(batch, info, scale, run.accelerator.backward)
+                else:
+                    got = obj(out, batch, info)
+                for name, value in got.items():
                     losses[name] = obj.opts.weight * value
         if not losses:
             raise ValueError(f"{run.where} ({run.st.name}): no objective gave a loss for micro-batch {position}")
@@ -298,7 +307,7 @@ class Trainer:
         for _ in range(st.grad_accum):
             batch = next(run.batches)
             run.data.failed.update(dict(batch.pop("_skipped")))
-            step_tokens += int(batch["attention_mask"].sum())
+            step_tokens += batch_tokens(batch)
             batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
             losses = self._losses(run, batch)
             total = sum(losses.values()) / st.grad_accum
