@@ -49,6 +49,9 @@ def _value(options: dict, dotted: str):
 def check_files(cfg: PipelineConfig) -> list[str]:
     """Every file or folder an option names exists (hub ids and folders made on first use aside)."""
     problems = []
+    init = cfg.train.init_from if cfg.train else None
+    if init and not (Path(init) / "mmlm.yaml").is_file():
+        problems.append(f"train.init_from: no mmlm checkpoint (a folder with mmlm.yaml): {init}")
     for where, part, registry in _parts(cfg):
         for dotted, kind in path_keys(registry, part.name).items():
             value = _value(part.options(), dotted)

@@ -118,10 +118,13 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_tensors(model: MultimodalLM, tensors: dict[str, torch.Tensor], where: str, complete: bool) -> None:
+def load_tensors(
+    model: MultimodalLM, tensors: dict[str, torch.Tensor], where: str, complete: bool, fresh: tuple[str, ...] = ()
+) -> None:
     """Copy ``tensors`` into ``model``. Every name must be one of the model's, with its shape; with
-    ``complete``, every tensor the model needs (all but those a pretrained source gave it) must be
-    there, an alias of a tied weight counting as its twin."""
+    ``complete``, every tensor the model needs (all but those a pretrained source gave it, and those
+    under the ``fresh`` prefixes, which keep their initialisation) must be there, an alias of a tied
+    weight counting as its twin."""
     own = model.state_dict()
     unknown = [k for k in tensors if k not in own]
     if unknown:
@@ -137,7 +140,10 @@ def load_tensors(model: MultimodalLM, tensors: dict[str, torch.Tensor], where: s
         missing = [
             k
             for k in own
-            if k not in tensors and not k.startswith(model.pretrained_prefixes) and storage[k] not in have
+            if k not in tensors
+            and not k.startswith(model.pretrained_prefixes)
+            and not (fresh and k.startswith(fresh))
+            and storage[k] not in have
         ]
         if missing:
             raise CheckpointError(
@@ -151,14 +157,45 @@ def load(directory, overrides: tuple[str, ...] = (), device: str | None = None) 
     """Load a checkpoint directory written by ``MultimodalLM.save`` (safetensors only)."""
     directory = Path(directory)
     cfg, meta = read_checkpoint_config(directory)
+    if overrides:
+        cfg = parse_config(cfg.to_dict(), overrides)
+    model = _load_weights(build(cfg, tokenizer_dir=str(_tokenizer_dir(directory))), directory, meta)
+    if device:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def _tokenizer_dir(directory: Path) -> Path:
     if not (directory / "tokenizer_config.json").is_file():
         raise CheckpointError(
             f"{directory}: no tokenizer files (tokenizer_config.json); every checkpoint holds the tokenizer "
             "it was trained with, so this one is incomplete"
         )
-    if overrides:
-        cfg = parse_config(cfg.to_dict(), overrides)
-    model = build(cfg, tokenizer_dir=str(directory))
+    return directory
+
+
+def load_as(directory, config: PipelineConfig, where: str = "train.init_from") -> MultimodalLM:
+    """The model ``config`` names with the weights and tokenizer of checkpoint ``directory``, which must
+    hold the same parts; only ``model.embedding`` may differ (a new learned pooling starts fresh).
+    A run that starts from another run's checkpoint (``train.init_from``) is built this way."""
+    directory = Path(directory)
+    saved, meta = read_checkpoint_config(directory)
+    before = {k: v for k, v in saved.model.model_dump(mode="json").items() if k != "embedding"}
+    now = {k: v for k, v in config.model.model_dump(mode="json").items() if k != "embedding"}
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if differ:
+        raise ConfigError(
+            f"{directory} holds another model: model.{', model.'.join(differ)} differ from this config's "
+            "(only model.embedding may)",
+            where,
+        )
+    model = build(config, tokenizer_dir=str(_tokenizer_dir(directory)))
+    same_pooling = saved.model.embedding.pooling.model_dump() == config.model.embedding.pooling.model_dump()
+    return _load_weights(model, directory, meta, fresh=() if same_pooling else ("pooler.",))
+
+
+def _load_weights(model: MultimodalLM, directory: Path, meta: dict, fresh: tuple[str, ...] = ()) -> MultimodalLM:
     tensors = read_tensors(directory / "model.safetensors")
     for old, new in (meta.get("renames") or {}).items():
         tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in tensors.items()}
@@ -168,8 +205,6 @@ def load(directory, overrides: tuple[str, ...] = (), device: str | None = None) 
             f"{directory / 'model.safetensors'}: {len(missing)} tensors the model needs are missing, e.g. "
             f"{missing[:3]} (changed from the pretrained source when saved; the source's would be wrong)"
         )
-    load_tensors(model, tensors, str(directory / "model.safetensors"), complete=True)
-    if device:
-        model.to(device)
-    model.eval()
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(fresh)} if fresh else tensors
+    load_tensors(model, tensors, str(directory / "model.safetensors"), complete=True, fresh=fresh)
     return model

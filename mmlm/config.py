@@ -204,6 +204,9 @@ class TrainConfig(Strict):
     eval: EvalConfig | None = None  # held-out questions for eval_every
     threads: int | None = Field(None, gt=0)  # CPU threads for torch during the run (default: torch's own)
     log_every: int = Field(50, gt=0)  # steps between progress lines; the loss shown is their mean
+    # a checkpoint the run starts from (weights and tokenizer) instead of building the model: it must
+    # hold the parts model: names; only model.embedding may differ (e.g. an embedding stage after chat)
+    init_from: str | None = None
 
     @model_validator(mode="after")
     def _unique(self):
@@ -451,8 +454,19 @@ def resolve_path(value: Any, kind: str, base: Path) -> Any:
     return os.path.normpath(cand)
 
 
+# keys of the schema itself (not of a part) that name files or folders, with their kind
+SCHEMA_PATHS = {"train.init_from": "dir"}
+
+
 def resolve_relative_paths(raw: dict, base: Path) -> None:
     """Make every relative path option of ``raw`` (in place) relative to ``base`` instead."""
+    for dotted, kind in SCHEMA_PATHS.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            node[leaf] = resolve_path(node[leaf], kind, base)
     for _, entry, registry, key in list(raw_parts(raw)):
         for dotted, kind in path_keys(registry, entry.get(key)).items():
             *parents, leaf = dotted.split(".")

@@ -174,3 +174,23 @@ def test_an_over_long_sample_is_skipped_and_counted_once(tmp_path):
     data = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]["align"]["data"]
     assert data["skipped_by_reason"] == {"too long": 1}
     assert data["used"] == 5
+
+
+def test_a_run_can_start_from_another_runs_checkpoint_with_a_new_pooling(tmp_path):
+    import mmlm
+    from mmlm.errors import ConfigError
+
+    raw = tiny_raw(str(tmp_path / "shapes"), n=12, steps=2)
+    raw["train"]["stages"] = raw["train"]["stages"][:1]
+    first = train(parse_config(raw), tmp_path / "first")
+    raw["model"]["embedding"] = {"pooling": {"type": "latent_attention", "num_latents": 4, "heads": 2}}
+    raw["train"]["init_from"] = str(tmp_path / "first" / "final")
+    train(parse_config(raw), tmp_path / "second")
+    start = mmlm.load(tmp_path / "second" / "init")
+    for name, p in first.named_parameters():  # every weight of the first run, and its tokenizer
+        assert torch.equal(start.get_parameter(name), p), name
+    assert start.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    assert "pooler.latents" in dict(start.named_parameters())  # the new pooling, initialised fresh
+    raw["model"]["connectors"]["image"]["depth"] = 1
+    with pytest.raises(ConfigError, match=r"train\.init_from: .* model\.connectors differ"):
+        train(parse_config(raw), tmp_path / "third")

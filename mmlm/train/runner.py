@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
-from mmlm.checkpoint import load
+from mmlm.checkpoint import load, load_as
 from mmlm.config import PipelineConfig, StageConfig
 from mmlm.data.dataset import StageDataset
 from mmlm.data.pairs import batch_tokens
@@ -141,9 +141,11 @@ class Trainer:
         init = self.folder.init
         if is_checkpoint(init):
             return load(init)
-        texts = self.tokenizer_texts()
         torch.manual_seed(derive_seed(self.seed, 0, 0, "init"))
-        model = build(self.cfg, texts=texts)
+        if self.cfg.train.init_from:
+            model = load_as(self.cfg.train.init_from, self.cfg)
+        else:
+            model = build(self.cfg, texts=self.tokenizer_texts())
         model.save(init)
         return model
 
