@@ -161,7 +161,9 @@ class MultimodalLM(nn.Module):
         embeds, _ = self.embed_inputs(ids, batch)
         pos = batch.get("position_ids")
         pos = pos.to(self.device) if pos is not None else (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.llm.base_model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+        hidden = self.llm.base_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
+        ).last_hidden_state
         return self.pooler(hidden, mask)
 
     def embed(

@@ -94,7 +94,8 @@ def embed(
     limit = proc.config.max_image_pixels
     dim = dim or cfg.dim
     was_training = model.training
-    model.eval()
+    if was_training:  # switching modes walks every module: only when needed
+        model.eval()
     out = []
     try:
         for start, chunk in ((i, items[i : i + batch_size]) for i in range(0, len(items), batch_size)):
@@ -108,7 +109,8 @@ def embed(
             batch = proc.collate(encoded)
             out.append(model.pool(batch).float().cpu())
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     vectors = torch.cat(out) if out else torch.zeros(0, model.embedding_width)
     return normalise(vectors, dim)
 
