@@ -181,6 +181,30 @@ def data_shapes(
     console.print(f"wrote {info['n_images']} images and {info['n_questions']} questions to {out} ({info['by_type']})")
 
 
+@data_app.command("shapes-retrieval")
+@friendly
+def data_shapes_retrieval(
+    out: Path = typer.Option(..., help="output folder"),
+    n: int = typer.Option(200, min=1, help="queries per task (with --pairs: scenes)"),
+    seed: int = typer.Option(..., help="seed; evaluation tasks and training pairs need different seeds"),
+    candidates: int = typer.Option(100, min=2, help="distinct candidates per query"),
+    image_size: int = typer.Option(32, min=6, help="image side in pixels"),
+    pairs: bool = typer.Option(False, "--pairs", help="write contrastive training pairs instead of evaluation tasks"),
+):
+    """Write the shapes world's retrieval tasks in MMEB's layout (image->caption, caption->image, VQA,
+    same colour / same shape), or with --pairs training pairs with hard negatives (pairs.jsonl)."""
+    from mmlm.data.shapes_retrieval import generate_pairs, generate_retrieval
+
+    if pairs:
+        info = generate_pairs(out, n, seed=seed, image_size=image_size)
+        console.print(f"wrote {info['total']} pairs to {out / 'pairs.jsonl'} ({info['rows']})")
+        return
+    info = generate_retrieval(out, n, seed=seed, candidates=candidates, image_size=image_size)
+    console.print(f"wrote retrieval tasks to {out}: rows {info['rows']}, candidates {info['candidates']}")
+    for task, why in info["short"].items():
+        console.print(f"{task}: {why}")
+
+
 @app.command("train")
 @friendly
 def train_cmd(
@@ -454,8 +478,13 @@ def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruct
 
 @app.command("demo")
 @friendly
-def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set_: list[str] | None = SetOpt):
-    """Generate the shapes world, train the tiny recipe, evaluate on held-out questions."""
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), help="run folder"),
+    embed: bool = typer.Option(False, "--embed", help="then turn the model into a retrieval model (shapes-embed.yaml)"),
+    set_: list[str] | None = SetOpt,
+):
+    """Generate the shapes world, train the tiny recipe, evaluate on held-out questions; with
+    --embed, then train the contrastive recipe and print the retrieval table before and after."""
     _quiet()
     from mmlm.demo import run_demo
     from mmlm.train.progress import ConsoleReporter
@@ -478,6 +507,25 @@ def demo_cmd(out: Path = typer.Option(Path("runs/demo"), help="run folder"), set
     )
     image = out / "data" / "heldout" / q["image"] if qfile.is_file() else q["image"]
     console.print(f'ask the trained model:\n  mmlm ask {out / "final"} --image {image} "{q["question"]}"')
+    if embed:
+        from mmlm.demo import run_embed_demo
+
+        r = run_embed_demo(out, reporter=ConsoleReporter())
+        t = Table(title=f"held-out retrieval, {r['candidates']} candidates per query (P@1 / MRR)")
+        for col in ("task", "n", "before: P@1", "MRR", "after: P@1", "MRR "):
+            t.add_column(col, justify="right" if col != "task" else "left")
+        for name, m in r["tasks"].items():
+            b, a = m["before"], m["after"]
+            t.add_row(
+                name,
+                str(a["n"]),
+                f"{b['precision@1']:.3f}",
+                f"{b['mrr']:.3f}",
+                f"{a['precision@1']:.3f}",
+                f"{a['mrr']:.3f}",
+            )
+        console.print(t)
+        console.print(f"embedding model: {r['checkpoint']}; metrics: {out / 'embed' / 'metrics.json'}")
 
 
 def main() -> None:
