@@ -9,6 +9,7 @@ from mmlm.errors import ConfigError
 from mmlm.model import build
 from mmlm.objectives import StepInfo, build_objectives
 from mmlm.objectives.lm import causal_lm_loss
+from mmlm.registry import OBJECTIVES
 from mmlm.train.runner import Trainer
 from tests.helpers import TEXTS, tiny_raw
 
@@ -28,7 +29,7 @@ def test_objectives_are_looked_up_by_exact_name_with_the_key_path():
     with pytest.raises(ConfigError) as err:
         parse_config(stage_raw(objectives=[{"type": "lm"}, {"type": "SEA"}]))
     assert err.value.path == "train.stages.1.objectives.1.type"
-    assert "valid choices: lm, sea" in str(err.value)
+    assert f"valid choices: {', '.join(OBJECTIVES.names())}" in str(err.value) and "sea" in OBJECTIVES.names()
 
 
 def test_objective_options_are_typed_with_the_key_path():
