@@ -438,6 +438,7 @@ def test_connector_end_to_end_train_save_load(case, tmp_path):
     ]
     batch = model.processor(convs, [{"image": [im]} for im in _images(2)], add_generation_prompt=False)
     assert int((batch["input_ids"] == -200).sum()) == 2 * n_tokens
+    untrained = model.ask("what color is the big red circle ?", image=_images(2)[0], max_new_tokens=3)
     model.train()
     conn_params = dict(model.connectors["image"].named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -458,8 +459,22 @@ def test_connector_end_to_end_train_save_load(case, tmp_path):
     with torch.no_grad():
         after = again(**again.inputs(batch)).logits
     assert torch.equal(before, after)
-    answer = again.ask("describe the image", image=_images(1)[0], max_new_tokens=2)  # generation path too
-    assert isinstance(answer, str)
+    # the generation path too: the step taught the first conversation's answer, and ask's cached
+    # decoding says what step-by-step argmax of the full forward says
+    img = _images(2)[0]
+    answer = again.ask("what color is the big red circle ?", image=img, max_new_tokens=3)
+    assert answer == "red" != untrained, (untrained, answer)
+    msgs = [convs[0][:1]]
+    gen = again.processor(msgs, [{"image": [img]}], add_generation_prompt=True)
+    ids, expect = gen["input_ids"], []
+    for _ in range(3):
+        with torch.no_grad():
+            nxt = int(again(input_ids=ids, pixel_values=gen["pixel_values"]).logits[0, -1].argmax())
+        if nxt in again.processor.stop_token_ids():
+            break
+        expect.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert expect and answer == again.processor.decode(expect), (answer, expect)
     if case == "alignvlm":  # the LLM embedding matrix is stored once, under llm.*, never under the connector
         from safetensors.torch import load_file
 

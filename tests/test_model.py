@@ -84,11 +84,14 @@ def test_generate_greedy_matches_forward_argmax_and_streams(model):
     assert [t for t in streamed if t >= 0] == expect
 
 
-def test_sampling_is_seeded(model):
+def test_sampling_is_seeded_and_is_not_greedy(model):
     batch = model.processor([[{"role": "user", "content": "hello there"}]], add_generation_prompt=True)
-    a = model.generate(batch, max_new_tokens=6, temperature=1.5, seed=1)
-    b = model.generate(batch, max_new_tokens=6, temperature=1.5, seed=1)
-    assert a == b
+    greedy = model.generate(batch, max_new_tokens=6)
+    samples = [model.generate(batch, max_new_tokens=6, temperature=1.5, seed=s) for s in range(4)]
+    assert [model.generate(batch, max_new_tokens=6, temperature=1.5, seed=s) for s in range(4)] == samples
+    assert any(s != greedy for s in samples)  # the temperature is used
+    assert len({tuple(s[0]) for s in samples}) > 1  # and the seed
+    assert model.generate(batch, max_new_tokens=6) == greedy  # greedy is deterministic without a seed
 
 
 def test_generate_refuses_right_padding(model):

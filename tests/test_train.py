@@ -62,15 +62,36 @@ def test_interrupted_run_resumes_to_the_same_weights(data_dir, tmp_path):
 
 
 def test_trained_model_loads_and_answers(data_dir, tmp_path):
-    from PIL import Image
+    """100 steps on the world's questions: the loaded checkpoint answers every kind of training
+    question with an answer of that kind (an untrained or 2-step model answers '' here), through the
+    Python API and through `mmlm ask` alike."""
+    from pathlib import Path
 
-    cfg = tiny_config(data_dir, steps=2)
-    train(cfg, tmp_path / "r")
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mmlm.cli import app
+    from mmlm.data.shapes import COLORS, NUMBER_WORDS, SHAPES
+
+    raw = tiny_raw(data_dir, n=40, steps=100)
+    raw["train"]["stages"] = raw["train"]["stages"][1:]
+    raw["train"]["stages"][0].update(lr=3e-3, save_every=1000)
+    raw["train"]["stages"][0]["data"][0]["task"] = "questions"  # one question per row, as ask puts it
+    train(parse_config(raw), tmp_path / "r")
     m = load(tmp_path / "r" / "final")
-    ans = m.ask("what color is the circle?", Image.new("RGB", (32, 32)), max_new_tokens=3)
-    assert isinstance(ans, str)
-    vocab = set(m.processor.tokenizer.get_vocab())
-    assert all(w in vocab for w in ans.split())
+    valid = {"color": set(COLORS), "shape": set(SHAPES), "count": set(NUMBER_WORDS.values()), "exists": {"yes", "no"}}
+    rows = [json.loads(line) for line in (Path(data_dir) / "questions.jsonl").read_text().splitlines()]
+    asked = [r for r in rows if r["type"] in valid][:24]
+    assert {r["type"] for r in asked} == set(valid)
+    answers = [m.ask(r["question"], Image.open(Path(data_dir) / r["image"]), max_new_tokens=3) for r in asked]
+    wrong_kind = [(r["question"], a) for r, a in zip(asked, answers, strict=True) if a not in valid[r["type"]]]
+    assert not wrong_kind
+    # `mmlm ask` prints that answer
+    r = asked[0]
+    args = ["ask", str(tmp_path / "r" / "final"), "--image", str(Path(data_dir) / r["image"]), r["question"]]
+    out = CliRunner().invoke(app, [*args, "--max-new-tokens", "3"])
+    assert out.exit_code == 0, out.output
+    assert out.output.strip() == answers[0] and answers[0] in valid[r["type"]]
 
 
 def test_worker_processes_feed_the_same_batches(data_dir, tmp_path):
