@@ -144,22 +144,72 @@ def test_gradient_reaches_the_connector_and_only_with_target_grad_the_word_embed
     model.zero_grad(set_to_none=True)
 
 
-def test_objective_leaves_the_model_alone_and_adds_to_the_lm_loss(world, tmp_path):
+def _structure(model):
+    """Everything the model is made of: module names and types, parameter and buffer names, shapes
+    and values."""
+    return (
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [(n, tuple(p.shape)) for n, p in model.named_parameters()],
+        [n for n, _ in model.named_buffers()],
+    )
+
+
+def test_building_and_running_sea_adds_nothing_to_the_model(world):
+    """Gate 1: the objective is no part of the model. Building it and running it (forward, loss,
+    backward) leaves the model's modules, parameters and buffers as they were."""
     model, batch = world.model, world.batch
     model.train()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    n_params = sum(p.numel() for p in model.parameters())
-    before = model(**model.inputs(batch))
+    modules, state, params, buffers = _structure(model)
     objectives = build_objectives(world.st, model, "train.stages.0")
     assert [type(o).__name__ for o in objectives] == ["LMObjective", "SEAObjective"]
     assert not any(isinstance(o, nn.Module) for o in objectives)
-    # a model built from the same config without the objective is the same model
+    model.zero_grad(set_to_none=True)
+    out = model(**model.inputs(batch))
+    sum(loss for o in objectives for loss in o(out, batch, _step()).values()).backward()
+    model.zero_grad(set_to_none=True)
+    after = _structure(model)
+    assert after[0] == modules and after[2] == params and after[3] == buffers
+    assert list(after[1]) == list(state) and all(torch.equal(after[1][k], v) for k, v in state.items())
+
+
+def test_a_model_whose_stage_lists_sea_infers_like_one_without_it(world, tmp_path):
+    """Gate 2: listing SEA in a stage changes nothing the model is or computes at inference: built
+    from the same seed, with and without it, the two models hold the same weights and give the same
+    logits, connector output and answer, in memory and after a checkpoint round trip."""
+    import mmlm
+
     raw_lm = _raw(world.data)
     raw_lm["train"]["stages"][0].pop("objectives")
     plain = _model(parse_config(raw_lm), world.texts)
-    assert list(plain.state_dict()) == list(state)
-    assert all(torch.equal(plain.state_dict()[k], v) for k, v in state.items())
-    # the trainer's losses of the stage with [lm, sea] and of the stage with [lm] alone
+    with_sea = _model(world.cfg, world.texts)
+    assert [o.type for o in world.cfg.train.stages[0].objectives] == ["lm", "sea"]
+    a, b = plain.state_dict(), with_sea.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    batch = world.batch
+
+    def infer(m):
+        m.eval()
+        with torch.no_grad():
+            out = m(**m.inputs(batch))
+        return out.logits, out.media_tokens["image"]
+
+    for x, y in zip(infer(plain), infer(with_sea), strict=True):
+        assert torch.equal(x, y)
+    image = world.ds.images(0)[0]
+    assert plain.ask("what color is the circle?", image, max_new_tokens=4) == with_sea.ask(
+        "what color is the circle?", image, max_new_tokens=4
+    )
+    with_sea.save(tmp_path / "ck")  # its mmlm.yaml lists the sea objective
+    assert "sea" in (tmp_path / "ck" / "mmlm.yaml").read_text()
+    for x, y in zip(infer(plain), infer(mmlm.load(tmp_path / "ck")), strict=True):
+        assert torch.equal(x, y)
+
+
+def test_the_trainer_adds_the_weighted_sea_loss_to_an_unchanged_lm_loss(world, tmp_path):
+    model, batch = world.model, world.batch
+    model.train()
+    before = model(**model.inputs(batch))
     trainer = Trainer(world.cfg, tmp_path / "run")
 
     def run_of(idx):
@@ -177,16 +227,10 @@ def test_objective_leaves_the_model_alone_and_adds_to_the_lm_loss(world, tmp_pat
     lm_only = trainer._losses(run_of(1), {**batch, "_position": 0})
     assert set(with_sea) == {"lm", "sea"} and set(lm_only) == {"lm"}
     assert torch.equal(with_sea["lm"], lm_only["lm"])  # same forward, same logits
-    raw_sea = objectives[1](before, batch, _step())["sea"]
+    raw_sea = build_objectives(world.st, model, "train.stages.0")[1](before, batch, _step())["sea"]
     torch.testing.assert_close(with_sea["sea"], 0.5 * raw_sea)  # the stage's weight: 0.5
     assert float(sum(with_sea.values()).detach()) > float(sum(lm_only.values()).detach()) + 1e-3
-    # building and calling objectives changed no weight, added no parameter, and the forward is the same
-    after = model(**model.inputs(batch))
-    assert torch.equal(after.logits, before.logits)
-    assert torch.equal(after.media_tokens["image"], before.media_tokens["image"])
-    assert list(model.state_dict()) == list(state)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
-    assert sum(p.numel() for p in model.parameters()) == n_params
+    model.zero_grad(set_to_none=True)
 
 
 def test_a_connector_without_a_square_grid_of_tokens_is_refused_at_build(world):
