@@ -6,6 +6,7 @@ The LLM is a plain Hugging Face ``PreTrainedModel`` used by composition; nothing
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from collections.abc import Iterable
@@ -280,3 +281,57 @@ def load_llm(
     device from the source's config alone (``mmlm config validate``)."""
     kwargs = {"skeleton": True} if skeleton else {}
     return LLM_SOURCES.create(component, texts=texts, tokenizer_dir=tokenizer_dir, where="model.llm", **kwargs)
+
+
+def decoder_layers(model) -> list | None:
+    """The decoder blocks of a Hugging Face causal LM (``model.layers`` of Llama, Qwen, Mistral,
+    Gemma, Phi-3, ...; ``h`` of GPT-2), or None when it keeps them elsewhere."""
+    base = getattr(model, "base_model", model)
+    for attr in ("layers", "h"):
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            return list(blocks)
+    return None
+
+
+@contextlib.contextmanager
+def last_mlp_only_at(model, positions: torch.Tensor | None):
+    """For one forward of ``model``: the last decoder block's MLP runs on one position per row
+    (``positions [B]``) instead of all of them, the other positions of its output left zero.
+
+    For last-token pooling: every earlier block must run on every token (their keys and values
+    are attended to), but the last block's hidden states are read at one position only, and its
+    MLP (two thirds of a block's work in Llama-shaped models) is per token. The vectors read are
+    those of the full forward (to rounding). Nothing changes when ``positions`` is None, when the
+    model keeps its blocks elsewhere, or while gradients are on under gradient checkpointing (the
+    recomputation in backward would run without the cut)."""
+    blocks = decoder_layers(model)
+    mlp = getattr(blocks[-1], "mlp", None) if blocks else None
+    checkpointing = torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)
+    if positions is None or not isinstance(mlp, torch.nn.Module) or checkpointing:
+        yield
+        return
+    shape: list[torch.Size] = []
+
+    def before(module, args, kwargs):
+        x = args[0] if args else kwargs.pop("hidden_states")
+        shape.append(x.shape)
+        rows = torch.arange(x.shape[0], device=x.device)
+        return (x[rows, positions.to(x.device)].unsqueeze(1), *args[1:]), kwargs
+
+    def after(module, args, kwargs, out):
+        first = out[0] if isinstance(out, tuple) else out
+        full = first.new_zeros(shape.pop())
+        rows = torch.arange(full.shape[0], device=full.device)
+        full = full.index_put((rows, positions.to(full.device)), first[:, 0])
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    handles = [
+        mlp.register_forward_pre_hook(before, with_kwargs=True),
+        mlp.register_forward_hook(after, with_kwargs=True),
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -25,7 +25,7 @@ from mmlm.connectors import build_connector
 from mmlm.embed.pooling import build_pooling
 from mmlm.errors import ConfigError, PlaceholderMismatch
 from mmlm.images import load_image
-from mmlm.llm import load_llm
+from mmlm.llm import last_mlp_only_at, load_llm
 from mmlm.modalities import IMAGE_PLACEHOLDER
 from mmlm.processor import MediaSpec, Processor
 from mmlm.registry import ENCODERS
@@ -161,9 +161,10 @@ class MultimodalLM(nn.Module):
         embeds, _ = self.embed_inputs(ids, batch)
         pos = batch.get("position_ids")
         pos = pos.to(self.device) if pos is not None else (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.llm.base_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
-        ).last_hidden_state
+        with last_mlp_only_at(self.llm, self.pooler.reads(mask)):
+            hidden = self.llm.base_model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=False
+            ).last_hidden_state
         return self.pooler(hidden, mask)
 
     def embed(

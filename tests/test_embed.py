@@ -48,6 +48,28 @@ def test_the_vector_is_the_same_with_left_and_right_padding_and_alone(pooling):
     assert not torch.allclose(a[0], a[1], atol=1e-3)  # different items, different vectors
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_last_token_pooling_runs_the_last_mlp_at_one_position_only_and_gives_the_full_vectors(pooling, monkeypatch):
+    """The last block's MLP is per token and last pooling reads one token: it runs there only; mean
+    pooling reads every token and gets the MLP everywhere. The vectors are those of the full forward."""
+    import contextlib
+
+    import mmlm.model
+
+    model = model_with({"pooling": {"type": pooling}}, padding_side="left")
+    mlp = model.llm.base_model.layers[-1].mlp
+    seen = []
+    mlp.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))  # the input it ran on
+    got = model.embed(items())
+    assert seen and all((s[1] == 1) == (pooling == "last") for s in seen), seen
+    seen.clear()
+    monkeypatch.setattr(mmlm.model, "last_mlp_only_at", lambda llm, pos: contextlib.nullcontext())
+    full = model.embed(items())
+    assert all(s[1] > 1 for s in seen)
+    torch.testing.assert_close(got, full, atol=1e-6, rtol=0)
+    assert len(mlp._forward_hooks) == 1 and not mlp._forward_pre_hooks  # mmlm's hooks are gone
+
+
 def test_last_position_is_found_on_either_side():
     mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     assert last_positions(mask).tolist() == [2, 4, 4]

@@ -73,6 +73,49 @@ def test_hf_multi_layer_follows_select_layers_order(clip_dir):
     assert not torch.allclose(got[0], got[1])
 
 
+def _tower_blocks(enc):
+    return next(m for n, m in enc.model.named_modules() if n.endswith("encoder.layers"))
+
+
+def _block_calls(enc) -> list[int]:
+    """Forward calls per block of the encoder's tower during one forward."""
+    blocks = list(_tower_blocks(enc))
+    calls = [0] * len(blocks)
+    for i, b in enumerate(blocks):
+        b.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 32, 32))
+    return calls
+
+
+@pytest.mark.parametrize("select", [[-2], [1], [-3, -2]])
+def test_hf_blocks_after_the_deepest_selected_layer_are_not_run(clip_dir, select):
+    """LLaVA's -2 makes the tower's last block dead work; it is skipped, the features are the whole
+    tower's, and the weights stay (the checkpoint and an export see the whole tower)."""
+    from transformers import CLIPVisionModel
+
+    enc = build("hf", path=str(clip_dir), select_layers=select).eval()
+    n_blocks = TINY_VIT["num_hidden_layers"]
+    deepest = max(i % (n_blocks + 1) for i in select)
+    calls = _block_calls(enc)
+    assert calls == [1] * deepest + [0] * (n_blocks - deepest)
+    ref = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        hs = ref(x, output_hidden_states=True).hidden_states
+        got = enc(x)
+    got = got if isinstance(got, list) else [got]
+    for g, i in zip(got, select, strict=True):
+        torch.testing.assert_close(g, hs[i][:, 1:])
+    assert set(ref.state_dict()) == {k for k in enc.model.state_dict()}
+    assert len(_tower_blocks(enc)) == n_blocks  # restored after the forward
+
+
+def test_hf_last_layer_selected_runs_every_block(clip_dir):
+    enc = build("hf", path=str(clip_dir), select_layers=[-1]).eval()
+    assert _block_calls(enc) == [1] * TINY_VIT["num_hidden_layers"]
+
+
 def test_hf_keep_prefix_tokens(clip_dir):
     enc = build("hf", path=str(clip_dir), drop_prefix_tokens=False)
     assert enc.num_tokens == 17

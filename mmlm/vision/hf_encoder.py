@@ -1,12 +1,19 @@
 """Any Hugging Face vision model as an encoder: a hub id or local directory (``path``), or a
 config built from scratch (``config``). Features are entries of ``hidden_states`` (0 = embeddings,
-so -2 is the penultimate block, LLaVA's choice), with CLS/register tokens dropped by default."""
+so -2 is the penultimate block, LLaVA's choice), with CLS/register tokens dropped by default.
+
+Blocks after the deepest selected one are not run: with LLaVA's ``-2`` the last block of the tower
+(and its post-norm's input) would be computed and thrown away at every image, as transformers'
+Llava does. The model's block list is cut for the duration of each forward (its weights stay in
+the model and the checkpoint, so loading and exporting see the whole tower)."""
 
 from __future__ import annotations
 
 import inspect
 import json
 from typing import Any, ClassVar
+
+import contextlib
 
 import torch
 from pydantic import Field, model_validator
@@ -52,6 +59,17 @@ def _as_hw(size) -> tuple[int, int] | None:
         return (int(edge), int(edge)) if edge else None
     if isinstance(size, (list, tuple)) and len(size) == 2:
         return (int(size[0]), int(size[1]))
+    return None
+
+
+def _block_list(model: torch.nn.Module, depth: int | None) -> tuple[torch.nn.Module, str] | None:
+    """``(parent, attribute)`` of the model's list of ``depth`` transformer blocks, if it has one."""
+    if not depth:
+        return None
+    for name, module in model.named_modules():
+        for attr, child in module.named_children():
+            if isinstance(child, torch.nn.ModuleList) and len(child) == depth and attr in ("layers", "layer", "blocks"):
+                return module, attr
     return None
 
 
@@ -144,11 +162,58 @@ class HFEncoder(Encoder):
             if "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:
                 self._fwd_kwargs["interpolate_pos_encoding"] = True
         self.preprocess = ImageTransform(size, mean, std, resample)
+        # the first forward (in _measure) runs every block and counts the hidden states; when they are
+        # the embeddings plus one per block of the list found here, later forwards stop at the deepest
+        # selected block
+        self._blocks = _block_list(model, getattr(vconf, "num_hidden_layers", None))
+        self._n_hidden: int | None = None
+        self._run_blocks: int | None = None
         self._measure(size)
+        if self._blocks is not None and self._n_hidden == len(getattr(*self._blocks)) + 1:
+            deepest = max(i % self._n_hidden for i in self.select_layers)
+            if 0 < deepest < self._n_hidden - 1:
+                self._run_blocks = deepest
+                self._check_cut(size)
+
+    def _check_cut(self, size: tuple[int, int]) -> None:
+        """Keep the cut only if it gives the whole tower's features on a random image (a model whose
+        blocks are not run in list order, or whose hidden states are gathered otherwise, runs whole)."""
+        if next(self.model.parameters()).is_meta:
+            return
+        x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                cut = self.forward(x)
+                run, self._run_blocks = self._run_blocks, None
+                whole = self.forward(x)
+        except (IndexError, RuntimeError):
+            return
+        finally:
+            self.train(was_training)
+        cut, whole = (v if isinstance(v, list) else [v] for v in (cut, whole))
+        if all(a.shape == b.shape and torch.allclose(a, b, atol=1e-5) for a, b in zip(cut, whole, strict=True)):
+            self._run_blocks = run
+
+    @contextlib.contextmanager
+    def _needed_blocks(self):
+        """The model's block list cut to the blocks the selected layers need, for one forward."""
+        if self._run_blocks is None:
+            yield
+            return
+        parent, attr = self._blocks
+        blocks = getattr(parent, attr)
+        setattr(parent, attr, torch.nn.ModuleList(list(blocks)[: self._run_blocks]))
+        try:
+            yield
+        finally:
+            setattr(parent, attr, blocks)
 
     def forward(self, x: torch.Tensor):
-        hidden = self.model(pixel_values=x, output_hidden_states=True, **self._fwd_kwargs).hidden_states
-        n = len(hidden)
+        with self._needed_blocks():
+            hidden = self.model(pixel_values=x, output_hidden_states=True, **self._fwd_kwargs).hidden_states
+        n = self._n_hidden = self._n_hidden or len(hidden)  # the whole tower's count, from the first forward
         out = []
         for i in self.select_layers:
             if not -n <= i < n:
@@ -156,7 +221,7 @@ class HFEncoder(Encoder):
                     f"select_layers: {i} is out of range; this model has {n} hidden states "
                     f"(0 = embeddings, {n - 1} = last block)"
                 )
-            h = hidden[i]
+            h = hidden[i % n]
             if h.ndim == 4:  # convolutional stages: [B, C, H, W]
                 h = nchw_to_nlc(h)
             elif self.drop_prefix_tokens:

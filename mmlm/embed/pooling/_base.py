@@ -18,6 +18,11 @@ class PoolingOptions(BaseModel):
 
 
 class Pooling(nn.Module, abc.ABC):
+    def reads(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """The one position of each row whose final hidden state ``forward`` reads (``[B]``), or
+        None when it reads several; the model then computes the last layer's MLP there only."""
+        return None
+
     @abc.abstractmethod
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """One vector per row of ``hidden`` from its real (``mask == 1``) positions."""

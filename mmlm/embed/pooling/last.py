@@ -13,6 +13,9 @@ class LastToken(Pooling):
     def __init__(self, opts: PoolingOptions, width: int):
         super().__init__()
 
+    def reads(self, mask: torch.Tensor) -> torch.Tensor:
+        return last_positions(mask)
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         return hidden[rows, last_positions(mask)]
