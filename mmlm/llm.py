@@ -307,7 +307,13 @@ def last_mlp_only_at(model, positions: torch.Tensor | None):
     recomputation in backward would run without the cut)."""
     blocks = decoder_layers(model)
     mlp = getattr(blocks[-1], "mlp", None) if blocks else None
-    checkpointing = torch.is_grad_enabled() and getattr(model, "is_gradient_checkpointing", False)
+    # transformers 5.x renamed is_gradient_checkpointing (the old name warns)
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    checkpointing = torch.is_grad_enabled() and getattr(model, flag, False)
     if positions is None or not isinstance(mlp, torch.nn.Module) or checkpointing:
         yield
         return

@@ -9,11 +9,10 @@ the model and the checkpoint, so loading and exporting see the whole tower)."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from typing import Any, ClassVar
-
-import contextlib
 
 import torch
 from pydantic import Field, model_validator
@@ -66,7 +65,7 @@ def _block_list(model: torch.nn.Module, depth: int | None) -> tuple[torch.nn.Mod
     """``(parent, attribute)`` of the model's list of ``depth`` transformer blocks, if it has one."""
     if not depth:
         return None
-    for name, module in model.named_modules():
+    for module in model.modules():
         for attr, child in module.named_children():
             if isinstance(child, torch.nn.ModuleList) and len(child) == depth and attr in ("layers", "layer", "blocks"):
                 return module, attr
