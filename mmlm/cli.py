@@ -250,6 +250,8 @@ def ask_cmd(
     image: list[Path] | None = typer.Option(None, help="image file (repeat for several, in order)"),
     max_new_tokens: int = 64,
     temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = typer.Option(None, help="sampling seed (the API's seed gives the same answer)"),
     stream: bool = False,
 ):
     """Answer one question about images (or none) with a trained checkpoint."""
@@ -283,7 +285,13 @@ def ask_cmd(
 
     try:
         answer = model.ask(
-            question, img, max_new_tokens=max_new_tokens, temperature=temperature, stream=emit if stream else None
+            question,
+            img,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stream=emit if stream else None,
         )
     except (ValueError, SampleError) as err:  # placeholder count, an over-long question
         _fail(err)
@@ -476,11 +484,53 @@ def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruct
         _fail(ValueError(f"{data}: no row could be evaluated ({skipped['count']} skipped)"))
 
 
+LimitOpt = typer.Option(None, "--limit", help="a serving limit: --limit max_images=4 (repeatable; see README)")
+
+
+@app.command("serve")
+@friendly
+def serve_cmd(
+    checkpoint: Path,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0: every interface)"),
+    port: int = 8000,
+    api_key: str | None = typer.Option(None, envvar="MMLM_API_KEY", help="require Authorization: Bearer KEY"),
+    model_name: str | None = typer.Option(None, help="the model id clients name (default: the config's name)"),
+    limit: list[str] | None = LimitOpt,
+    ui: bool = typer.Option(True, help="mount the Gradio chat at /ui"),
+    device: str | None = None,
+):
+    """Serve a checkpoint with an OpenAI-compatible API (chat completions, embeddings) and the chat UI."""
+    from mmlm.serve.limits import limits_from
+    from mmlm.serve.run import serve
+
+    serve(checkpoint, host, port, api_key, limits_from(limit or []), model_name, ui, device)
+
+
+@app.command("chat")
+@friendly
+def chat_cmd(
+    checkpoint: Path,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = typer.Option(False, help="also open a public Gradio share link"),
+    examples: Path | None = typer.Option(None, help="a folder of images for example prompts"),
+    limit: list[str] | None = LimitOpt,
+    device: str | None = None,
+):
+    """Chat with a checkpoint in the browser (Gradio): text and images, streamed answers."""
+    from mmlm.serve.limits import limits_from
+    from mmlm.serve.run import chat
+
+    chat(checkpoint, host, port, share, limits_from(limit or []), examples, device)
+
+
 @app.command("demo")
 @friendly
 def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), help="run folder"),
     embed: bool = typer.Option(False, "--embed", help="then turn the model into a retrieval model (shapes-embed.yaml)"),
+    chat: bool = typer.Option(False, "--chat", help="then open the Gradio chat on the trained model"),
+    port: int = typer.Option(7860, help="--chat: the chat's port"),
     set_: list[str] | None = SetOpt,
 ):
     """Generate the shapes world, train the tiny recipe, evaluate on held-out questions; with
@@ -526,6 +576,12 @@ def demo_cmd(
             )
         console.print(t)
         console.print(f"embedding model: {r['checkpoint']}; metrics: {out / 'embed' / 'metrics.json'}")
+    if chat:
+        from mmlm.serve.limits import ServeLimits
+        from mmlm.serve.run import chat as run_chat
+
+        console.print(f"chat with the trained model: http://127.0.0.1:{port}")
+        run_chat(out / "final", port=port, limits=ServeLimits(), examples_dir=out / "data" / "heldout" / "images")
 
 
 def main() -> None:

@@ -48,22 +48,40 @@ def load_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open, check and decode an image file into RGB; every failure is a SampleError."""
     path = Path(path)
     try:
+        return _decode(path, f"image {path}", max_pixels)
+    except FileNotFoundError:
+        raise SampleError(f"image not found: {path}", "missing image") from None
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "the image", setting: str = "max_image_pixels"
+) -> Image.Image:
+    """Check and decode an image held in memory (an upload, a data URL) into RGB, its pixel count
+    read from the header before anything is decoded; every failure is a SampleError naming ``name``
+    (and ``setting``, the limit's name, when it is too large)."""
+    import io
+
+    return _decode(io.BytesIO(data), name, max_pixels, setting)
+
+
+def _decode(src, name: str, max_pixels: int, setting: str = "processor.max_image_pixels") -> Image.Image:
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(src) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise SampleError(
-                        f"image {path} is {w}x{h} = {w * h:,} pixels, over processor.max_image_pixels={max_pixels:,}",
+                        f"{name} is {w}x{h} = {w * h:,} pixels, over {setting}={max_pixels:,}",
                         "image too large",
                     )
                 im.load()
                 return to_rgb(im)
-    except SampleError:
+    except (SampleError, FileNotFoundError):
         raise
-    except FileNotFoundError:
-        raise SampleError(f"image not found: {path}", "missing image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise SampleError(f"image {path} is too large to decode safely: {err}", "image too large") from None
+        raise SampleError(
+            f"{name} is too large to decode safely ({setting}={max_pixels:,}): {err}", "image too large"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise SampleError(f"image {path} cannot be decoded: {err}", "corrupt image") from None
+        raise SampleError(f"{name} cannot be decoded: {err}", "corrupt image") from None

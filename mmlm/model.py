@@ -11,7 +11,7 @@ import inspect
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,50 +185,63 @@ class MultimodalLM(nn.Module):
     def generate(
         self,
         batch: dict[str, Any],
-        max_new_tokens: int = 32,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stream: Callable[[int, list[int]], None] | None = None,
+        max_new_tokens: int | Sequence[int] = 32,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        seed: int | None | Sequence[int | None] = None,
+        stream: Callable[[int, list[int]], Iterable[int] | None] | None = None,
     ) -> list[list[int]]:
         """Decode with the LLM's KV cache. ``batch`` comes from the processor with left padding.
-        Greedy when ``temperature == 0``; otherwise sampling with top-k / top-p. ``stream(step,
-        tokens)`` is called with the new token of each sequence (-1 once a sequence has finished)."""
+        Greedy when a row's ``temperature`` is 0; otherwise sampling with top-k / top-p. Every
+        option may be one value for all rows or a sequence of one per row; each row samples from
+        its own generator (seeded by its ``seed``), so a row's tokens do not depend on the rows
+        decoded beside it. ``stream(step, tokens)`` is called with the new token of each sequence
+        (-1 once a sequence has finished) and may return rows to finish now (a stop string was
+        seen, the client went away)."""
         was_training = self.training
         self.eval()
         try:
             mask = batch["attention_mask"].to(self.device)
             if (mask[:, -1] == 0).any():
                 raise ValueError("generate needs left padding: build the batch with padding_side='left'")
+            B = mask.shape[0]
+            rows = _per_row(B, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+            seeds = _per_row(B, seed=seed)["seed"]
+            gens = []
+            for s in seeds:
+                g = torch.Generator(device=self.device)
+                if s is not None:
+                    g.manual_seed(int(s))
+                else:
+                    g.seed()
+                gens.append(g)
+            limits = torch.tensor(rows["max_new_tokens"], device=self.device)
             embeds, _ = self.embed_inputs(batch["input_ids"].to(self.device), batch)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            gen = torch.Generator(device=self.device)
-            if seed is not None:
-                gen.manual_seed(seed)
             kw = _cache_kwarg(self.llm)
             out = self.llm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
             )
             past = _cache_of(out)
             logits = out.logits[:, -1, :].float()
-            B = mask.shape[0]
             stops = torch.tensor(sorted(self.processor.stop_token_ids()) or [-1], device=self.device)
-            done = torch.zeros(B, dtype=torch.bool, device=self.device)
+            done = limits <= 0
             result: list[list[int]] = [[] for _ in range(B)]
             last_pos = pos[:, -1]
-            for step in range(max_new_tokens):
-                nxt = _pick(logits, temperature, top_p, top_k, gen)
+            for step in range(int(limits.max()) if B else 0):
+                nxt = _pick_rows(logits, rows["temperature"], rows["top_p"], rows["top_k"], gens)
                 finished_now = torch.isin(nxt, stops)
                 # one host transfer per step: the new token of each live sequence, -1 for the others
                 toks = torch.where(done | finished_now, torch.full_like(nxt, -1), nxt).tolist()
                 for i, t in enumerate(toks):
                     if t >= 0:
                         result[i].append(t)
+                done = done | finished_now | (limits <= step + 1)
                 if stream is not None:
-                    stream(step, toks)
-                done = done | finished_now
-                if bool(done.all()) or step == max_new_tokens - 1:
+                    for i in stream(step, toks) or ():
+                        done[i] = True
+                if bool(done.all()):
                     break
                 mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
                 last_pos = last_pos + 1
@@ -325,6 +338,28 @@ def _cache_kwarg(llm) -> str:
 def _cache_of(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
+def _per_row(n: int, **options) -> dict[str, list]:
+    """Each option as a list of ``n`` values: a scalar repeated, a sequence checked for length."""
+    out = {}
+    for name, value in options.items():
+        if isinstance(value, (list, tuple)):
+            if len(value) != n:
+                raise ValueError(f"generate: {name} has {len(value)} values for a batch of {n} rows")
+            out[name] = list(value)
+        else:
+            out[name] = [value] * n
+    return out
+
+
+def _pick_rows(logits: torch.Tensor, temperature: list, top_p: list, top_k: list, gens: list) -> torch.Tensor:
+    """The next token of each row: its argmax, or a draw from its own generator."""
+    nxt = logits.argmax(-1)
+    for i, t in enumerate(temperature):
+        if t > 0:
+            nxt[i] = _pick(logits[i : i + 1], t, top_p[i], top_k[i], gens[i])[0]
+    return nxt
 
 
 def _pick(logits: torch.Tensor, temperature: float, top_p: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
