@@ -265,14 +265,15 @@ def create_app(
 
     context = getattr(getattr(model.llm, "config", None), "max_position_embeddings", None)
 
-    def check_prompt(messages: list[dict], images: list, max_tokens: int) -> int:
+    def check_prompt(messages: list[dict], images: list, max_tokens: int):
         """The prompt's token count, refused over max_prompt_tokens, when the prompt and max_tokens
         do not fit the LLM's context, or when the processor refuses it."""
         try:
-            batch = model.processor([messages], [{"image": images} if images else None], add_generation_prompt=True)
+            media = {"image": images} if images else {}
+            encoded = model.processor.encode(messages, media, add_generation_prompt=True, index=0)
         except (SampleError, ValueError) as err:
             raise RequestError(str(err), "messages", "invalid_prompt") from None
-        n = int(batch["attention_mask"].sum())
+        n = len(encoded.input_ids)
         if n > max_prompt:
             raise RequestError(
                 f"the prompt is {n} tokens (images included), over max_prompt_tokens={max_prompt}",
@@ -285,7 +286,7 @@ def create_app(
                 "max_tokens",
                 "context_length_exceeded",
             )
-        return n
+        return encoded
 
     def submit(fn, *args, **kw):
         try:
@@ -304,10 +305,15 @@ def create_app(
             raise RequestError("'stream_options' is only allowed with stream: true", "stream_options")
         usage_chunk = bool((options or {}).get("include_usage", False))
         sampling = sampling_of(body, limits)
-        messages, images = await asyncio.to_thread(chat_messages, body, limits)
-        await asyncio.to_thread(check_prompt, messages, images, sampling.max_tokens)
-        loop = asyncio.get_running_loop()
-        job = submit(engine.chat, messages, images, sampling, loop=loop)
+
+        def prepare():  # off the event loop: images decoded, the prompt encoded and measured
+            messages, images = chat_messages(body, limits)
+            return messages, images, check_prompt(messages, images, sampling.max_tokens)
+
+        with engine.arriving() as arrival:  # a batch about to start waits (up to the window) for this request
+            messages, images, encoded = await asyncio.to_thread(prepare)
+            loop = asyncio.get_running_loop()
+            job = submit(engine.chat, messages, images, sampling, loop=loop, encoded=encoded, arrival=arrival)
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not stream:
             try:
@@ -374,8 +380,9 @@ def create_app(
         dim = _field(body, "dimensions", int, None)
         if dim is not None and not 1 <= dim <= width:
             raise RequestError(f"'dimensions' must be between 1 and {width}, not {dim}", "dimensions")
-        items = await asyncio.to_thread(embedding_items, body, limits)
-        job = submit(engine.embed_job, items, dim, "query", loop=asyncio.get_running_loop())
+        with engine.arriving() as arrival:
+            items = await asyncio.to_thread(embedding_items, body, limits)
+            job = submit(engine.embed_job, items, dim, "query", loop=asyncio.get_running_loop(), arrival=arrival)
         vecs = await job.channel.aget()
         if isinstance(vecs, SampleError):
             raise RequestError(str(vecs), "input", "invalid_input")

@@ -2,16 +2,20 @@
 Gradio chat and the OpenAI-compatible API share.
 
 Requests are jobs on one queue (at most ``max_queue`` waiting: ``submit`` raises ``QueueFull``
-beyond, which the API answers with 429). The worker takes the oldest job and, for up to
-``window_s`` seconds, the jobs of the same kind that arrive, up to ``max_batch``, and runs them as
-one batch: chat jobs through ``MultimodalLM.generate`` with per-row options (each row samples from
-its own seeded generator, so a request's answer does not depend on the requests decoded beside
-it, and equals ``mmlm ask``'s for the same input and seed), embedding jobs through one
-``MultimodalLM.embed`` call. A chat job's text reaches its ``ChatStream`` as it is generated; a
-stop string ends the row at the step it appears (the text before it is the answer); a cancelled
-stream (the client went away) finishes its row at the next step, so it no longer costs decoding.
+beyond, which the API answers with 429). The worker takes the oldest job, every queued job of the
+same kind, and, for up to ``window_s`` seconds, the jobs of announced requests (``arriving()``:
+the server is still reading them), up to ``max_batch``, and runs them as one batch: chat jobs
+through ``MultimodalLM.generate`` with per-row options (each row samples from its own seeded
+generator, so a request's answer does not depend on the requests decoded beside it, and equals
+``mmlm ask``'s for the same input and seed), embedding jobs through one ``MultimodalLM.embed``
+call. Jobs that arrive while a batch runs wait for the next one. A chat job's text reaches its
+``ChatStream`` as it is generated; a stop string ends the row at the step it appears (the text
+before it is the answer); a cancelled stream (the client went away) finishes its row at the next
+step, so it no longer costs decoding. The processor encodes each job on its own (or the caller
+did, ``encoded=``): a prompt it refuses fails that request only.
 
-The model is touched by the worker thread only. ``ChatStream`` and ``EmbedJob`` hand results to
+The model is touched by the worker thread only (the API encodes a prompt with the processor
+before submitting it, to check its length). ``ChatStream`` and ``EmbedJob`` hand results to
 the caller's thread (a blocking ``queue.Queue``) or to an asyncio loop (``loop=``), so an HTTP
 server waits on them without holding a thread per request.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import queue
 import threading
 import time
@@ -95,6 +100,7 @@ class ChatJob:
     channel: _Channel
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    encoded: object = None  # the processor's Encoded sample, when the caller made it already
 
 
 @dataclass
@@ -105,6 +111,12 @@ class EmbedJob:
     channel: _Channel
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+
+
+class _Arrival:
+    """An announced request (``Engine.arriving``); ``done`` once it was queued or given up."""
+
+    done = False
 
 
 class ChatStream:
@@ -162,20 +174,24 @@ class Engine:
         self._jobs: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._arriving = 0  # requests announced by arriving() and not yet submitted
         self.batches: collections.Counter = collections.Counter()  # batch sizes run, by kind (for tests/benchmarks)
         self.recent: collections.deque = collections.deque(maxlen=256)  # the last chat jobs' Finished, in order
         self._worker = threading.Thread(target=self._run, name="mmlm-engine", daemon=True)
         self._worker.start()
 
     # ------------------------------------------------------------------ submitting
-    def _submit(self, job) -> None:
+    def _submit(self, job, arrival: _Arrival | None = None) -> None:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
             if len(self._jobs) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); try again shortly")
             self._jobs.append(job)
-            self._cond.notify()
+            if arrival is not None and not arrival.done:
+                arrival.done = True
+                self._arriving -= 1
+            self._cond.notify_all()
 
     def chat(
         self,
@@ -183,13 +199,17 @@ class Engine:
         images: Sequence = (),
         sampling: Sampling | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        encoded=None,
+        arrival: _Arrival | None = None,
     ) -> ChatStream:
-        """Queue a conversation (its last turn the user's) for an answer; the stream yields text."""
+        """Queue a conversation (its last turn the user's) for an answer; the stream yields text.
+        ``encoded``: ``processor.encode`` of this conversation and images with the generation
+        prompt, when the caller has it already (the API checks the prompt's length with it)."""
         n = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in messages)
         if n != len(images):
             raise ValueError(f"the conversation has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(images)} image(s)")
-        job = ChatJob(list(messages), list(images), sampling or Sampling(), _Channel(loop))
-        self._submit(job)
+        job = ChatJob(list(messages), list(images), sampling or Sampling(), _Channel(loop), encoded=encoded)
+        self._submit(job, arrival)
         return ChatStream(job)
 
     def embed_job(
@@ -198,10 +218,11 @@ class Engine:
         dim: int | None = None,
         side: str = "query",
         loop: asyncio.AbstractEventLoop | None = None,
+        arrival: _Arrival | None = None,
     ) -> EmbedJob:
         """Queue items for embedding; ``embed`` waits for the vectors, the API awaits ``job.channel``."""
         job = EmbedJob(list(items), dim, side, _Channel(loop))
-        self._submit(job)
+        self._submit(job, arrival)
         return job
 
     def embed(self, items: Sequence, dim: int | None = None, side: str = "query") -> torch.Tensor:
@@ -226,7 +247,9 @@ class Engine:
 
     # ------------------------------------------------------------------ the worker
     def _take_batch(self) -> list | None:
-        """The oldest job and the same-kind jobs that arrive within the window, up to max_batch."""
+        """The oldest job, every queued job of its kind, and those that announced requests submit
+        within the window (up to max_batch). With nothing announced the batch starts at once: a
+        lone request never waits for company that is not coming."""
         with self._cond:
             while not self._jobs and not self._closed:
                 self._cond.wait()
@@ -241,12 +264,31 @@ class Engine:
                     self._jobs.remove(j)
                     batch.append(j)
                 left = deadline - time.monotonic()
-                if len(batch) >= self.max_batch or left <= 0:
+                if len(batch) >= self.max_batch or left <= 0 or self._arriving <= 0:
                     break
                 self._cond.wait(timeout=left)
                 if self._closed:
                     break
             return batch
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Announce a request that is being read and will be submitted inside this block with
+        ``arrival=`` the object it yields (the API wraps parsing and checking a request in it): a
+        batch about to start waits up to ``window_s`` for it instead of starting without it. The
+        announcement ends when the job is queued (in the same step, so the worker never sees
+        neither) or when the block ends without one (a refused request)."""
+        arrival = _Arrival()
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield arrival
+        finally:
+            with self._cond:
+                if not arrival.done:
+                    arrival.done = True
+                    self._arriving -= 1
+                    self._cond.notify_all()
 
     def _run(self) -> None:
         while True:
@@ -309,7 +351,8 @@ class Engine:
         for j in jobs:  # each on its own: a prompt the processor refuses fails its request only
             try:
                 media = {"image": j.images} if j.images else {}
-                encoded.append(proc.encode(j.messages, media, add_generation_prompt=True, index=0))
+                enc = j.encoded or proc.encode(j.messages, media, add_generation_prompt=True, index=0)
+                encoded.append(enc)
                 ok.append(j)
             except Exception as err:
                 self._fail(j, err)
