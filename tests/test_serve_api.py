@@ -468,3 +468,31 @@ def test_remote_images_are_refused_unless_allowed_and_never_from_private_address
         with pytest.raises(RequestError, match="private, loopback or link-local") as err:
             fetch("https://img.example.com/cat.png", allowed, "p", resolve=resolves_to(ip))
         assert err.value.param == "p" and err.value.code == "url_not_allowed"
+
+
+def test_the_chat_at_ui_asks_for_the_api_key_when_the_server_has_one(model):
+    pytest.importorskip("gradio")
+    import http.cookiejar
+    import urllib.parse
+
+    engine = Engine(model)
+    server = Server(create_app(engine, "tiny", api_key=KEY, ui=True))
+    try:
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(server.url + "/ui/config", timeout=30)
+        assert err.value.code == 401
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        for password, ok in (("wrong", False), (KEY, True)):
+            form = urllib.parse.urlencode({"username": "me", "password": password}).encode()
+            try:
+                opener.open(server.url + "/ui/login", data=form, timeout=30)
+                logged_in = True
+            except urllib.error.HTTPError:
+                logged_in = False
+            assert logged_in == ok
+        with opener.open(server.url + "/ui/config", timeout=30) as r:
+            assert r.status == 200 and "components" in json.loads(r.read())
+    finally:
+        server.close()
+        engine.close()

@@ -4,6 +4,7 @@ its own request, stop strings never leaking into the streamed text, the queue bo
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -23,18 +24,32 @@ def model():
     return build(parse_config(tiny_raw()), texts=[QUESTION, "a red circle", "blue square top left yes no"]).eval()
 
 
-def ask_job(engine, seed, text=QUESTION, image=True, **kw):
+def ask_job(engine, seed, text=QUESTION, image=True, arrival=None, **kw):
     im = Image.new("RGB", (32, 32), (200, 30, 30))
     content = ("<image>\n" if image else "") + text
-    return engine.chat([{"role": "user", "content": content}], [im] if image else [], Sampling(seed=seed, **kw))
+    sampling = Sampling(seed=seed, **kw)
+    return engine.chat([{"role": "user", "content": content}], [im] if image else [], sampling, arrival=arrival)
 
 
-def test_jobs_arriving_together_are_one_batch_and_answer_as_alone(model):
-    engine = Engine(model, max_batch=8, window_s=0.2)
+def test_announced_jobs_are_one_batch_and_answer_as_alone(model):
+    """Six requests announced (the server is reading them) join the first one's batch; a lone
+    request with nothing announced starts at once."""
+    import contextlib
+
+    engine = Engine(model, max_batch=8, window_s=5.0)
     try:
-        streams = [ask_job(engine, seed=s, temperature=1.0, max_tokens=10) for s in range(6)]
+        with contextlib.ExitStack() as stack:
+            arrivals = [stack.enter_context(engine.arriving()) for _ in range(6)]
+            streams = []
+            for s, arrival in enumerate(arrivals):
+                streams.append(ask_job(engine, seed=s, temperature=1.0, max_tokens=10, arrival=arrival))
+                time.sleep(0.05)  # the worker has taken the first job by now and waits for the rest
         got = [s.result().text for s in streams]
         assert dict(engine.batches) == {("ChatJob", 6): 1}
+        t = time.monotonic()
+        ask_job(engine, seed=0, max_tokens=2).result()
+        assert time.monotonic() - t < 2.5  # did not wait out the 5 s window
+        assert engine.batches[("ChatJob", 1)] == 1
     finally:
         engine.close()
     im = Image.new("RGB", (32, 32), (200, 30, 30))
@@ -43,15 +58,17 @@ def test_jobs_arriving_together_are_one_batch_and_answer_as_alone(model):
 
 
 def test_a_prompt_the_processor_refuses_fails_its_own_request_only(model):
-    engine = Engine(model, max_batch=8, window_s=0.2)
+    engine = Engine(model, max_batch=8, window_s=5.0)
     try:
-        good = ask_job(engine, seed=1, temperature=1.0, max_tokens=6)
-        bad = ask_job(engine, seed=1, text=" ".join(["circle"] * 200), max_tokens=6)  # over processor.max_length
-        other = ask_job(engine, seed=2, temperature=1.0, max_tokens=6)
+        with engine.arriving() as a, engine.arriving() as b, engine.arriving() as c:
+            good = ask_job(engine, seed=1, temperature=1.0, max_tokens=6, arrival=a)
+            bad = ask_job(engine, seed=1, text=" ".join(["circle"] * 200), max_tokens=6, arrival=b)  # > max_length
+            other = ask_job(engine, seed=2, temperature=1.0, max_tokens=6, arrival=c)
         b = bad.result()
         assert b.finish_reason == "error" and "max_length" in b.error
         assert good.result().finish_reason in ("stop", "length") and other.result().finish_reason in ("stop", "length")
         assert good.result().text or other.result().text
+        assert dict(engine.batches) == {("ChatJob", 3): 1}  # they ran together
     finally:
         engine.close()
 

@@ -415,7 +415,11 @@ def create_app(
         else:
             blocks = build_chat_ui(engine, title=model_id, default_max_tokens=limits.default_max_tokens)
             blocks.queue(max_size=engine.max_queue, default_concurrency_limit=engine.max_batch)
-            app = gr.mount_gradio_app(app, blocks, path="/ui")
+            extra: dict[str, Any] = {"max_file_size": limits.max_image_bytes}
+            if api_key is not None:  # the chat asks for the key too (any user name, the key as password)
+                extra["auth"] = lambda user, password: hmac.compare_digest(str(password).encode(), api_key.encode())
+                extra["auth_message"] = "This server needs its API key: any user name, the key as password."
+            app = gr.mount_gradio_app(app, blocks, path="/ui", **extra)
     return app
 
 
