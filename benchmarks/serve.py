@@ -266,7 +266,8 @@ def main(argv=None) -> int:
         "",
         f"Model: {ckpt} (the shapes demo: 96 px images, a 3-layer 128-wide LLM). Chat: one held-out image "
         f"question per request (image as a data URL), greedy, max_tokens {n_tok}; embeddings: one item per "
-        "request, texts and images alternating. Engine: max_batch 8; a batch waits up to 10 ms for requests the server is still reading (the defaults).",
+        "request, texts and images alternating. Engine: max_batch 8; a batch waits up to 10 ms for requests "
+        "the server is still reading (the defaults).",
         "",
         "| load | requests | p50 ms | p99 ms | requests/s | errors |",
         "|---|---:|---:|---:|---:|---:|",
