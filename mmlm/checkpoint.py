@@ -20,7 +20,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from mmlm.config import PipelineConfig, parse_config
+from mmlm.config import PipelineConfig, parse_config, resolve_relative_paths
 from mmlm.errors import CheckpointError, ConfigError
 from mmlm.model import MultimodalLM, build
 from mmlm.storage import CHECKPOINT_FORMAT
@@ -98,6 +98,7 @@ def read_checkpoint_config(directory) -> tuple[PipelineConfig, dict[str, Any]]:
         raw, meta["renames"], notes = migrate_format1(raw)
         if notes:
             log.warning("%s: migrated a format-1 checkpoint config: %s", directory, "; ".join(notes))
+    resolve_relative_paths(raw, directory)  # parts a checkpoint holds are named relative to it (mmlm import)
     try:
         return parse_config(raw), meta
     except ConfigError as err:

@@ -484,6 +484,25 @@ def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruct
         _fail(ValueError(f"{data}: no row could be evaluated ({skipped['count']} skipped)"))
 
 
+@app.command("import")
+@friendly
+def import_cmd(
+    source: str = typer.Argument(..., help="a transformers Llava folder or hub id (or an original LLaVA one)"),
+    out: Path = typer.Option(..., "--out", help="the mmlm checkpoint folder to write (new or empty)"),
+    revision: str | None = typer.Option(None, help="hub revision (a full commit pins it)"),
+    name: str | None = typer.Option(None, help="the model's name in its config (default: the source's)"),
+):
+    """Turn a Hugging Face Llava checkpoint into an mmlm checkpoint (same logits, same answers)."""
+    _quiet()
+    from mmlm.zoo.llava_import import ImportError_, import_llava
+
+    try:
+        ckpt = import_llava(source, out, revision=revision, name=name)
+    except ImportError_ as err:
+        _fail(err)
+    console.print(f'checkpoint: {ckpt}  (try: mmlm ask {ckpt} --image IMAGE "what is in the image?")')
+
+
 LimitOpt = typer.Option(None, "--limit", help="a serving limit: --limit max_images=4 (repeatable; see README)")
 
 
