@@ -19,6 +19,8 @@ config_app = typer.Typer(no_args_is_help=True, help="Check and show pipeline con
 data_app = typer.Typer(no_args_is_help=True, help="Make data sets.")
 app.add_typer(config_app, name="config")
 app.add_typer(data_app, name="data")
+zoo_app = typer.Typer(no_args_is_help=True, help="Known models and components: list, describe, download (verified).")
+app.add_typer(zoo_app, name="zoo")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -501,6 +503,60 @@ def import_cmd(
     except ImportError_ as err:
         _fail(err)
     console.print(f'checkpoint: {ckpt}  (try: mmlm ask {ckpt} --image IMAGE "what is in the image?")')
+
+
+@zoo_app.command("list")
+@friendly
+def zoo_list():
+    """The catalog's entries."""
+    from mmlm.zoo.catalog import load_catalog
+
+    t = Table(title="mmlm zoo")
+    for col in ("name", "kind", "size", "license", "description"):
+        t.add_column(col)
+    for name, e in load_catalog().entries.items():
+        lic = e.license + (" (research only)" if e.research_only else "")
+        t.add_row(name, e.kind, e.size, lic, e.description)
+    console.print(t)
+
+
+@zoo_app.command("info")
+@friendly
+def zoo_info(name: str):
+    """One entry: its pinned source, files, licence and the config that uses it."""
+    from mmlm.zoo.catalog import entry
+
+    try:
+        e = entry(name)
+    except KeyError as err:
+        _fail(ValueError(str(err).strip("'\"")))
+    console.print_json(e.model_dump_json(exclude_none=True))
+
+
+@zoo_app.command("download")
+@friendly
+def zoo_download(
+    name: str,
+    dir: Path | None = typer.Option(None, "--dir", help="cache folder (default: the hub cache / ~/.cache/mmlm/zoo)"),
+    offline: bool = typer.Option(False, help="fetch nothing: check what is already here"),
+):
+    """Fetch an entry at its pinned revision or digest (the licence is shown first) and verify it."""
+    from mmlm.zoo.catalog import entry, local_path
+    from mmlm.zoo.download import DownloadError
+
+    try:
+        e = entry(name)
+    except KeyError as err:
+        _fail(ValueError(str(err).strip("'\"")))
+    note = " [bold red]research only[/]" if e.research_only else ""
+    console.print(f"{name}: licence {e.license}{note}; {e.size}")
+    try:
+        path = local_path(name, dir, offline=offline)
+    except DownloadError as err:
+        _fail(err)
+    console.print(f"verified: {path}")
+    if e.needs_import:
+        console.print(f"next: mmlm import {path} --out CKPT")
 
 
 LimitOpt = typer.Option(None, "--limit", help="a serving limit: --limit max_images=4 (repeatable; see README)")

@@ -373,6 +373,7 @@ def parse_config(
     name = raw.get("name", "mmlm")
     variables = {"out": f"runs/{name}", **(variables or {})}
     raw = _substitute(raw, variables)
+    resolve_relative_paths(raw, None)  # zoo:NAME references
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as err:
@@ -440,10 +441,19 @@ def path_keys(registry, name) -> dict[str, str]:
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def resolve_path(value: Any, kind: str, base: Path) -> Any:
-    """``value`` read from ``base`` when it is a relative local path; URLs, ``pkg://``, variables and
-    (for ``local_or_hub``) hub ids that are not folders under ``base`` are left as they are."""
-    if not isinstance(value, str) or not value or "${" in value or "://" in value:
+def resolve_path(value: Any, kind: str, base: Path | None) -> Any:
+    """``value`` read from ``base`` when it is a relative local path; ``zoo:NAME`` the zoo entry's
+    verified local copy (``mmlm zoo download NAME`` fetches it; a config never does); URLs,
+    ``pkg://``, variables and (for ``local_or_hub``) hub ids that are not folders under ``base`` are
+    left as they are. ``base`` None: only zoo references are resolved."""
+    if isinstance(value, str) and value.startswith("zoo:"):
+        from mmlm.zoo.catalog import local_path
+
+        try:
+            return str(local_path(value[4:]))
+        except (KeyError, FileNotFoundError, RuntimeError) as err:
+            raise ConfigError(f"{value}: {err}") from None
+    if base is None or not isinstance(value, str) or not value or "${" in value or "://" in value:
         return value
     p = Path(os.path.expanduser(value))
     if p.is_absolute():
@@ -458,7 +468,7 @@ def resolve_path(value: Any, kind: str, base: Path) -> Any:
 SCHEMA_PATHS = {"train.init_from": "dir"}
 
 
-def resolve_relative_paths(raw: dict, base: Path) -> None:
+def resolve_relative_paths(raw: dict, base: Path | None) -> None:
     """Make every relative path option of ``raw`` (in place) relative to ``base`` instead."""
     for dotted, kind in SCHEMA_PATHS.items():
         *parents, leaf = dotted.split(".")
