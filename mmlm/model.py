@@ -77,7 +77,7 @@ class MultimodalLM(nn.Module):
         width = llm.get_input_embeddings().weight.shape[1]
         for name, enc in encoders.items():
             n_out = connectors[name].num_output_tokens(enc.num_tokens)
-            media[name] = MediaSpec.of(name, n_out, enc.preprocess)
+            media[name] = MediaSpec.of(name, n_out, enc.preprocess, getattr(enc, "tiling", None))
             if config.model.media_position.get(name) == "learned":
                 self.media_pos[name] = nn.Parameter(torch.zeros(n_out, width))
         self.processor = None if skeleton else Processor(tokenizer, media, config.processor)
@@ -426,6 +426,7 @@ def _assemble(config: PipelineConfig, loaded, skeleton: bool = False) -> Multimo
     prefixes = ["llm."] if loaded.pretrained else []
     for name, comp in config.model.encoders.items():
         enc = _at(f"model.encoders.{name}", ENCODERS.create, comp, where=f"model.encoders.{name}", **kwargs)
+        enc.tiling = getattr(comp.parsed(ENCODERS, f"model.encoders.{name}"), "tiling", None)
         if getattr(enc, "pretrained", False):
             prefixes.append(f"encoders.{name}.")
         encoders[name] = enc

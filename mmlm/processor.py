@@ -31,11 +31,26 @@ class MediaSpec:
     num_tokens: int  # how many LLM positions one item occupies
     transform: Callable[[Any], torch.Tensor]  # raw item (PIL image) -> tensor the encoder takes
     batch_key: str  # where collate puts the stacked tensors, e.g. "pixel_values"
+    # images cut into tiles (mmlm/vision/tiling.py): one run of num_tokens placeholders per tile
+    tiling: Any = None
 
     @classmethod
-    def of(cls, modality: str, num_tokens: int, transform) -> MediaSpec:
+    def of(cls, modality: str, num_tokens: int, transform, tiling=None) -> MediaSpec:
         m = MODALITIES[modality]
-        return cls(m.placeholder, m.token_id, num_tokens, transform, m.batch_key)
+        return cls(m.placeholder, m.token_id, num_tokens, transform, m.batch_key, tiling)
+
+    @property
+    def tile_size(self) -> int:
+        h, w = self.transform.size
+        if h != w:
+            raise ValueError(f"tiling needs a square encoder input, not {h}x{w}")
+        return h
+
+    def tiles_of(self, size: tuple[int, int]) -> int:
+        """How many encoder inputs an item of ``size`` (width, height) becomes."""
+        from mmlm.vision.tiling import tile_count
+
+        return 1 if self.tiling is None else tile_count(size[0], size[1], self.tile_size, self.tiling)
 
 
 @dataclass
@@ -162,7 +177,8 @@ class Processor:
                     "bad media",
                     index,
                 )
-        ids, labels, used = self._tokens(messages, add_generation_prompt, index, segments)
+        sizes = {name: [_size(it) for it in media.get(name, [])] for name, spec in self.media.items() if spec.tiling}
+        ids, labels, used = self._tokens(messages, add_generation_prompt, index, segments, sizes)
         out_media: dict[str, list[torch.Tensor]] = {}
         for name, spec in self.media.items():
             items = list(media.get(name, []))
@@ -172,7 +188,12 @@ class Processor:
                     "media count mismatch",
                     index,
                 )
-            if items:
+            if items and spec.tiling is not None:
+                from mmlm.vision.tiling import tile_image
+
+                tiles = [t for it in items for t in tile_image(it, spec.tile_size, spec.tiling)]
+                out_media[name] = [self._tensor(name, spec, t) for t in tiles]
+            elif items:
                 out_media[name] = [self._tensor(name, spec, it) for it in items]
         if len(ids) > self.config.max_length:
             raise SampleTooLong(len(ids), self.config.max_length, index)
@@ -232,8 +253,11 @@ class Processor:
         add_generation_prompt: bool,
         index: int | None,
         segments: list[tuple[str, bool]] | None = None,
+        sizes: dict[str, Sequence[tuple[int, int]]] | None = None,
     ):
-        """Input ids (placeholder runs expanded), labels, and the number of placeholders per modality."""
+        """Input ids (placeholder runs expanded), labels, and the number of placeholders per modality.
+        A tiled modality needs its items' ``sizes`` (width, height), in order: each item is one run
+        of placeholders per tile, after the tile's tag when the tiling has tags."""
         try:
             segs = segments if segments is not None else self._segments(messages, add_generation_prompt)
         except SampleError as err:
@@ -250,8 +274,25 @@ class Processor:
                         )
                     name = self._markers[piece]
                     spec = self.media[name]
-                    ids.extend([spec.token_id] * spec.num_tokens)
-                    labels.extend([IGNORE_INDEX] * spec.num_tokens)
+                    if spec.tiling is None:
+                        ids.extend([spec.token_id] * spec.num_tokens)
+                        labels.extend([IGNORE_INDEX] * spec.num_tokens)
+                    else:
+                        from mmlm.vision.tiling import tile_tags
+
+                        known = (sizes or {}).get(name, ())
+                        if used[name] >= len(known):
+                            raise SampleError(
+                                f"{piece} is tiled: its token count depends on the image's size, and no image "
+                                f"was given for placeholder {used[name] + 1}",
+                                "media count mismatch",
+                                index,
+                            )
+                        n = spec.tiles_of(known[used[name]])
+                        for tag in tile_tags(n, spec.tiling):
+                            t = self._tok(tag)
+                            ids.extend([*t, *[spec.token_id] * spec.num_tokens])
+                            labels.extend([IGNORE_INDEX] * (len(t) + spec.num_tokens))
                     used[name] += 1
                 else:
                     t = self._tok(piece)
@@ -259,10 +300,10 @@ class Processor:
                     labels.extend(t if supervised else [IGNORE_INDEX] * len(t))
         return ids, labels, used
 
-    def count_tokens(self, messages: Sequence[dict]) -> int:
+    def count_tokens(self, messages: Sequence[dict], sizes: dict[str, Sequence[tuple[int, int]]] | None = None) -> int:
         """Length of a conversation in LLM positions (media expanded), exactly as ``encode`` builds
-        it, without loading media."""
-        return len(self._tokens(messages, False, None)[0])
+        it, without loading media (a tiled modality needs its items' ``sizes``, read from headers)."""
+        return len(self._tokens(messages, False, None, sizes=sizes)[0])
 
     def count_prompt_tokens(self, prompt: str, chat_template: bool) -> int:
         """Length of an embedding prompt in LLM positions (media expanded), exactly as
@@ -328,3 +369,10 @@ class Processor:
         if not self.use_template and isinstance(end, int) and end != self.tokenizer.unk_token_id:
             stops.add(end)
         return stops
+
+
+def _size(item) -> tuple[int, int]:
+    """(width, height) of a media item: a PIL image, or a tensor [C, H, W] taken as it is."""
+    if isinstance(item, torch.Tensor):
+        return int(item.shape[-1]), int(item.shape[-2])
+    return item.size

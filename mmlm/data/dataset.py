@@ -89,7 +89,10 @@ class StageDataset:
             )
         if not any(m["role"] == "assistant" for m in rec.messages):
             raise SampleError("no assistant turn to learn from", "no target")
-        n = self.processor.count_tokens(rec.messages)
+        sizes = None
+        if self.processor.media.get("image") is not None and self.processor.media["image"].tiling is not None:
+            sizes = {"image": [_image_size(p) for p in paths]}  # tiles depend on the size: read the headers
+        n = self.processor.count_tokens(rec.messages, sizes)
         if n > self.processor.config.max_length:
             raise SampleError(
                 f"{n} tokens (media tokens included) exceed processor.max_length={self.processor.config.max_length}; "
@@ -130,3 +133,16 @@ class StageDataset:
             "skipped": sum(by_reason.values()),
             "skipped_by_reason": dict(by_reason),
         }
+
+
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) from a PIL image or a file's header (nothing decoded)."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.size
+    try:
+        with Image.open(image) as im:
+            return im.size
+    except (OSError, ValueError) as err:
+        raise SampleError(f"image {image} cannot be read: {err}", "corrupt image") from None

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from mmlm.images import to_rgb
+from mmlm.vision.tiling import TilingOptions
 
 
 class EncoderOptions(BaseModel):
@@ -19,6 +20,9 @@ class EncoderOptions(BaseModel):
     # the encoder layers whose features go to the connector, by index (negative counts from the end: -1 is the
     # last block, -2 LLaVA's penultimate); several need the connector's ``fusion``, deepest first
     select_layers: list[int] = Field(default_factory=lambda: [-1])
+    # dynamic high-resolution tiling (InternVL 2.5, NVLM-D tags): each image becomes a grid of
+    # encoder-sized tiles plus a thumbnail; see mmlm/vision/tiling.py. null: one input per image
+    tiling: TilingOptions | None = None
 
 
 class ImageTransform:
