@@ -250,6 +250,7 @@ def ask_cmd(
     checkpoint: Path,
     question: str,
     image: list[Path] | None = typer.Option(None, help="image file (repeat for several, in order)"),
+    audio: list[Path] | None = typer.Option(None, help="sound file: WAV, FLAC (repeat for several, in order)"),
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -289,6 +290,7 @@ def ask_cmd(
         answer = model.ask(
             question,
             img,
+            audio=[str(a) for a in audio] if audio else None,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,

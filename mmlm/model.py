@@ -26,7 +26,7 @@ from mmlm.embed.pooling import build_pooling
 from mmlm.errors import ConfigError, PlaceholderMismatch
 from mmlm.images import load_image
 from mmlm.llm import last_mlp_only_at, load_llm
-from mmlm.modalities import IMAGE_PLACEHOLDER
+from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from mmlm.processor import MediaSpec, Processor
 from mmlm.registry import ENCODERS
 from mmlm.storage import CHECKPOINT_FORMAT, atomic_dir, save_tensors, tensor_digest
@@ -262,26 +262,38 @@ class MultimodalLM(nn.Module):
         """Answer a conversation; ``media`` maps a modality to its items in order (PIL images or
         image file paths, read with ``processor.max_image_pixels``)."""
         limit = self.processor.config.max_image_pixels
-        media = {
-            name: [load_image(p, limit) if isinstance(p, (str, os.PathLike)) else p for p in items]
-            for name, items in (media or {}).items()
-        }
+
+        def read(name, p):
+            if not isinstance(p, (str, os.PathLike)):
+                return p
+            if name == "audio":
+                from mmlm.audio.whisper_encoder import read_audio
+
+                return read_audio(p, self.processor.media["audio"].transform.sampling_rate)
+            return load_image(p, limit)
+
+        media = {name: [read(name, p) for p in items] for name, items in (media or {}).items()}
         batch = self.processor([messages], [media], add_generation_prompt=True)
         return self.processor.decode(self.generate(batch, **kw)[0])
 
-    def ask(self, question: str, image=None, **kw) -> str:
-        """One question about no image, one, or a list of them (PIL images or file paths, in order).
-        A question without ``<image>`` gets one placeholder per image in front; one that has them
-        must have as many as there are images."""
-        items = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
-        n = question.count(IMAGE_PLACEHOLDER)
-        if n == 0 and items:
-            question = IMAGE_PLACEHOLDER * len(items) + "\n" + question
-        elif n != len(items):
-            raise ValueError(
-                f"the question has {n} {IMAGE_PLACEHOLDER} placeholder(s) but {len(items)} image(s) were given"
-            )
-        return self.chat([{"role": "user", "content": question}], {"image": items} if items else None, **kw)
+    def ask(self, question: str, image=None, audio=None, **kw) -> str:
+        """One question about no image, one, or a list of them (PIL images or file paths, in order),
+        and audio clips (waveforms at the encoder's sampling rate, ``(waveform, rate)`` pairs or
+        sound files). A question without ``<image>`` (``<audio>``) gets one placeholder per item in
+        front, audio first; one that has them must have as many as there are items."""
+        media = {}
+        for name, placeholder, given in (("image", IMAGE_PLACEHOLDER, image), ("audio", AUDIO_PLACEHOLDER, audio)):
+            items = [] if given is None else list(given) if isinstance(given, list) else [given]
+            n = question.count(placeholder)
+            if n == 0 and items:
+                question = placeholder * len(items) + "\n" + question
+            elif n != len(items):
+                raise ValueError(
+                    f"the question has {n} {placeholder} placeholder(s) but {len(items)} {name} item(s) were given"
+                )
+            if items:
+                media[name] = items
+        return self.chat([{"role": "user", "content": question}], media or None, **kw)
 
     # ------------------------------------------------------------------ checkpoint
     def _from_source(self) -> dict[str, torch.Tensor]:
