@@ -136,3 +136,66 @@ def test_tiling_is_refused_on_an_audio_encoder():
     raw["model"]["connectors"]["audio"] = {"type": "mlp"}
     with pytest.raises(ConfigError, match="tiling"):
         parse_config(raw)
+
+
+def test_llava_rows_with_audio_train_the_audio_branch_and_bad_rows_are_named(tmp_path):
+    """Rows with "audio" (a path under image_root, its <audio> placeholder added before the first
+    turn when absent) load into input_features; a missing file and a placeholder count that does not
+    match are skipped with their reasons; a few steps move the audio connector's weights."""
+    import json
+
+    from mmlm.checkpoint import load
+    from mmlm.train.runner import train
+
+    for name, f in (("low.wav", 300), ("high.wav", 3000)):
+        soundfile.write(tmp_path / name, tone(f), SR)
+    rows = [
+        {
+            "id": "a",
+            "audio": "low.wav",
+            "conversations": [{"from": "human", "value": "what pitch ?"}, {"from": "gpt", "value": "low"}],
+        },
+        {
+            "id": "b",
+            "audio": "high.wav",
+            "conversations": [{"from": "human", "value": "<audio>\nwhat pitch ?"}, {"from": "gpt", "value": "high"}],
+        },
+        {
+            "id": "c",
+            "audio": "gone.wav",
+            "conversations": [{"from": "human", "value": "what pitch ?"}, {"from": "gpt", "value": "low"}],
+        },
+        {
+            "id": "d",
+            "audio": "low.wav",
+            "conversations": [{"from": "human", "value": "<audio><audio> pitch ?"}, {"from": "gpt", "value": "low"}],
+        },
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    raw = tiny_raw()
+    raw["model"]["encoders"]["audio"] = {"type": "whisper", **EXAMPLE}
+    raw["model"]["connectors"]["audio"] = {"type": "qformer", "num_queries": 8}
+    raw["train"] = {
+        "seed": 0,
+        "stages": [
+            {
+                "name": "audio",
+                "data": [{"format": "llava", "path": str(tmp_path / "rows.json"), "image_root": str(tmp_path)}],
+                "trainable": ["connectors.audio.*"],
+                "lr": 1e-2,
+                "steps": 3,
+                "batch_size": 2,
+                "on_bad_sample": "skip",
+            }
+        ],
+    }
+    cfg = parse_config(raw)
+    train(cfg, tmp_path / "run")
+    before = load(tmp_path / "run" / "init").connectors["audio"].state_dict()  # the run's own starting point
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]["audio"]["data"]
+    assert metrics["used"] == 2 and metrics["skipped_by_reason"] == {"missing audio": 1, "media count mismatch": 1}
+    after = load(tmp_path / "run" / "final").connectors["audio"].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    image_before = load(tmp_path / "run" / "init").connectors["image"].state_dict()
+    image_after = load(tmp_path / "run" / "final").connectors["image"].state_dict()
+    assert all(torch.equal(image_before[k], image_after[k]) for k in image_before)  # not trainable

@@ -16,7 +16,7 @@ from mmlm.data.pairs import PairEncoded, PairRecord, check_pair, collate_pairs, 
 from mmlm.data.records import Record, resolve_image
 from mmlm.errors import SampleError
 from mmlm.images import load_image, to_rgb
-from mmlm.modalities import IMAGE_PLACEHOLDER
+from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from mmlm.processor import Encoded, Processor
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,17 @@ class StageDataset:
             raise SampleError(
                 f"{n_ph} {IMAGE_PLACEHOLDER} placeholders but {len(rec.images)} images", "media count mismatch"
             )
+        n_audio = sum(m["content"].count(AUDIO_PLACEHOLDER) for m in rec.messages)
+        if n_audio != len(rec.audios):
+            raise SampleError(
+                f"{n_audio} {AUDIO_PLACEHOLDER} placeholders but {len(rec.audios)} audio files", "media count mismatch"
+            )
+        if rec.audios and "audio" not in self.processor.media:
+            raise SampleError("the sample has audio but the model has no audio encoder", "bad media")
+        for a in rec.audios:
+            p = resolve_image(rec.image_root, a)
+            if not p.is_file():
+                raise SampleError(f"audio not found: {p}", "missing audio")
         if not any(m["role"] == "assistant" for m in rec.messages):
             raise SampleError("no assistant turn to learn from", "no target")
         sizes = None
@@ -110,7 +121,13 @@ class StageDataset:
         if isinstance(rec, PairRecord):
             return load_pair(self.paths[i], self.processor, self.embedding.chat_template, i)
         images = self.images(i)
-        return self.processor.encode(rec.messages, {"image": images} if images else None, index=i, meta=rec.meta)
+        media = {"image": images} if images else {}
+        if rec.audios:
+            from mmlm.audio.whisper_encoder import read_audio
+
+            rate = self.processor.media["audio"].transform.sampling_rate
+            media["audio"] = [read_audio(resolve_image(rec.image_root, a), rate) for a in rec.audios]
+        return self.processor.encode(rec.messages, media or None, index=i, meta=rec.meta)
 
     def collate(self, samples: list) -> dict:
         """A micro-batch of loaded samples: the processor's batch, or for pairs its ``query`` and

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmlm.data.records import Record, image_ref, read_conversation
 from mmlm.errors import DataError, SampleError
-from mmlm.modalities import IMAGE_PLACEHOLDER
+from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from mmlm.registry import DATA_FORMATS
 
 
@@ -86,7 +86,16 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
         info = {"question_types": [row.get("type", "all")]}
     else:
         raise SampleError("needs 'conversations' (LLaVA) or 'question'/'answer' keys", "bad format", index, where=where)
-    return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index)
+    audio = row.get("audio", row.get("audios"))
+    audio = [] if audio is None else [audio] if isinstance(audio, str) else audio
+    if not isinstance(audio, list) or not all(isinstance(a, str) and a for a in audio):
+        raise SampleError(
+            "'audio' must be a sound file path or a list of them", "unsupported format", index, where=where
+        )
+    if audio and not any(AUDIO_PLACEHOLDER in m["content"] for m in msgs):  # as for images: before the first turn
+        first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+        msgs[first] = {**msgs[first], "content": AUDIO_PLACEHOLDER * len(audio) + "\n" + msgs[first]["content"]}
+    return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index, audios=audio)
 
 
 @DATA_FORMATS.register("llava", options=LlavaOptions, summary="LLaVA-format JSON or JSONL, images under image_root")
