@@ -148,47 +148,11 @@ def build_mmlm(sizes: dict, device: str):
 
 
 def build_llava(model, device: str):
-    """A LlavaForConditionalGeneration holding ``model``'s weights; its image token is one extra
-    vocabulary row (returned with the model)."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
+    """A LlavaForConditionalGeneration holding ``model``'s weights (``mmlm.zoo.llava_export``, the
+    exporter's own in-memory model; its image token is one extra vocabulary row), and that token."""
+    from mmlm.zoo.llava_export import build_llava as shared
 
-    enc, conn, llm = model.encoders["image"], model.connectors["image"], model.llm
-    vocab = llm.get_input_embeddings().weight.shape[0]
-    image_token_id = vocab  # a new row; its embedding is replaced by image features, never read
-    text_config = llm.config.to_dict()
-    text_config["vocab_size"] = vocab + 1
-    config = LlavaConfig(
-        vision_config=enc.model.config.to_dict(),
-        text_config=text_config,
-        image_token_id=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_layer=enc.select_layers[0],
-        vision_feature_select_strategy="default" if enc.drop_prefix_tokens else "full",
-        image_seq_length=enc.num_tokens,
-        multimodal_projector_bias=True,
-        tie_word_embeddings=False,
-    )
-    config._attn_implementation = "sdpa"
-    hf = LlavaForConditionalGeneration(config).to(torch.float32)
-    net = conn.net
-    assert isinstance(net[0], torch.nn.Linear) and isinstance(net[1], torch.nn.GELU) and len(net) == 3, net
-
-    state = {}
-    for k, v in enc.model.state_dict().items():
-        state[f"model.vision_tower.{k}"] = v
-    for mine, theirs in (("0", "linear_1"), ("2", "linear_2")):
-        for p in ("weight", "bias"):
-            state[f"model.multi_modal_projector.{theirs}.{p}"] = net.state_dict()[f"{mine}.{p}"]
-    for k, v in llm.model.state_dict().items():
-        state[f"model.language_model.{k}"] = v
-    emb = llm.get_input_embeddings().weight.detach()
-    state["model.language_model.embed_tokens.weight"] = torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
-    head = llm.get_output_embeddings().weight.detach()
-    state["lm_head.weight"] = torch.cat([head, head.new_zeros(1, head.shape[1])])
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "rotary" not in k]
-    if missing or unexpected:
-        raise SystemExit(f"weight copy into Llava failed: missing {missing}, unexpected {unexpected}")
+    hf, image_token_id = shared(model)
     return hf.to(device).eval(), image_token_id
 
 

@@ -488,6 +488,29 @@ def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruct
         _fail(ValueError(f"{data}: no row could be evaluated ({skipped['count']} skipped)"))
 
 
+@app.command("export")
+@friendly
+def export_cmd(
+    checkpoint: Path,
+    out: Path = typer.Option(..., "--out", help="the folder to write"),
+    format: str = typer.Option("hf-llava", "--format", help="hf-llava: transformers' LlavaForConditionalGeneration"),
+    license: str = typer.Option("other", help="the model card's licence"),
+    dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the LLM's)"),
+    overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+):
+    """Write a checkpoint in a format the rest of the ecosystem loads (transformers, vLLM, SGLang)."""
+    _quiet()
+    if format != "hf-llava":
+        _fail(ValueError(f"--format {format!r}: the formats are hf-llava"))
+    from mmlm.zoo.llava_export import export_llava
+
+    try:
+        path = export_llava(checkpoint, out, license=license, dtype=dtype, overwrite=overwrite)
+    except (ValueError, FileExistsError) as err:
+        _fail(err)
+    console.print(f"wrote {path}: AutoModelForImageTextToText.from_pretrained({str(path)!r}) loads it")
+
+
 @app.command("import")
 @friendly
 def import_cmd(
