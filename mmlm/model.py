@@ -289,7 +289,8 @@ class MultimodalLM(nn.Module):
                 question = placeholder * len(items) + "\n" + question
             elif n != len(items):
                 raise ValueError(
-                    f"the question has {n} {placeholder} placeholder(s) but {len(items)} {name} item(s) were given"
+                    f"the question has {n} {placeholder} placeholder(s) but {len(items)} "
+                    f"{'image(s)' if name == 'image' else 'audio clip(s)'} were given"
                 )
             if items:
                 media[name] = items
