@@ -196,7 +196,26 @@ def load_as(directory, config: PipelineConfig, where: str = "train.init_from") -
     return _load_weights(model, directory, meta, fresh=() if same_pooling else ("pooler.",))
 
 
+def _check_sources(model: MultimodalLM, directory: Path, meta: dict) -> None:
+    """Each pretrained source must give the weights it gave when the checkpoint was saved."""
+    recorded = meta.get("sources") or {}
+    now = model.source_fingerprints()
+    changed = sorted(p for p, digest in recorded.items() if p in now and now[p] != digest)
+    if changed:
+        parts = {
+            "llm.": "model.llm",
+            **{f"encoders.{n}.": f"model.encoders.{n}" for n in model.config.model.encoders},
+        }
+        names = ", ".join(parts.get(p, p) for p in changed)
+        raise CheckpointError(
+            f"{directory}: the pretrained source of {names} now gives other weights than when this checkpoint "
+            "was saved (the hub branch moved or the folder was rewritten); pin the revision it was saved with, "
+            "or restore that source"
+        )
+
+
 def _load_weights(model: MultimodalLM, directory: Path, meta: dict, fresh: tuple[str, ...] = ()) -> MultimodalLM:
+    _check_sources(model, directory, meta)
     tensors = read_tensors(directory / "model.safetensors")
     for old, new in (meta.get("renames") or {}).items():
         tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in tensors.items()}

@@ -297,6 +297,18 @@ class MultimodalLM(nn.Module):
         return self.chat([{"role": "user", "content": question}], media or None, **kw)
 
     # ------------------------------------------------------------------ checkpoint
+    def source_fingerprints(self) -> dict[str, str]:
+        """One sha256 per pretrained prefix over the digests of the tensors its source gave."""
+        import hashlib
+
+        out = {}
+        for prefix in self.pretrained_prefixes:
+            h = hashlib.sha256()
+            for k in sorted(k for k in self.source_digests if k.startswith(prefix)):
+                h.update(f"{k}={self.source_digests[k]};".encode())
+            out[prefix] = h.hexdigest()
+        return out
+
     def _from_source(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.state_dict().items() if k.startswith(self.pretrained_prefixes)}
 
@@ -333,6 +345,9 @@ class MultimodalLM(nn.Module):
                     # the source's tensors this file replaces: without the list, one deleted from the
                     # file would load silently from the source
                     "changed_from_source": sorted(k for k in tensors if k.startswith(self.pretrained_prefixes)),
+                    # what each pretrained source gave when this model was built: a later load from a
+                    # source that changed (a hub branch moved, a folder rewritten) is refused
+                    "sources": self.source_fingerprints(),
                 },
                 **self.config.to_dict(),
             }

@@ -169,3 +169,28 @@ def test_a_delta_checkpoint_missing_a_tensor_is_refused_naming_it(delta, name):
     save_file(tensors, str(ck / "model.safetensors"))
     with pytest.raises(CheckpointError, match=f"missing.*{name}"):
         mmlm.load(ck)
+
+
+def test_a_pretrained_source_that_changed_since_the_save_is_refused_naming_the_part(tmp_path):
+    """A checkpoint references its pretrained tower; if the folder (or a hub branch) later gives other
+    weights, loading would silently mix them with the trained connector: it is refused instead."""
+    import torch
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmlm.checkpoint import load
+    from mmlm.config import parse_config
+    from mmlm.errors import CheckpointError
+    from mmlm.model import build
+    from tests.helpers import TINY_VIT, tiny_raw
+
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VIT)).save_pretrained(tmp_path / "tower")
+    raw = tiny_raw()
+    raw["model"]["encoders"]["image"] = {"type": "hf", "path": str(tmp_path / "tower"), "select_layers": [-2]}
+    model = build(parse_config(raw), texts=["a red circle"])
+    model.save(tmp_path / "ck")
+    assert load(tmp_path / "ck").encoders["image"].pretrained  # the same source: loads
+    torch.manual_seed(1)
+    CLIPVisionModel(CLIPVisionConfig(**TINY_VIT)).save_pretrained(tmp_path / "tower")  # rewritten
+    with pytest.raises(CheckpointError, match="source of model.encoders.image now gives other weights"):
+        load(tmp_path / "ck")
