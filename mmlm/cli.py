@@ -183,6 +183,20 @@ def data_shapes(
     console.print(f"wrote {info['n_images']} images and {info['n_questions']} questions to {out} ({info['by_type']})")
 
 
+@data_app.command("tones")
+@friendly
+def data_tones(
+    out: Path = typer.Option(..., help="output folder"),
+    n: int = typer.Option(1000, help="clips"),
+    seed: int = typer.Option(0, help="seed (use disjoint seeds for held-out splits)"),
+):
+    """Write the tones world: WAV clips of beeps (pitch, count, contour, timbre), captions and questions."""
+    from mmlm.data.tones import generate
+
+    info = generate(out, n, seed=seed)
+    console.print(f"wrote {info['n']} clips and {info['questions']} questions to {out}")
+
+
 @data_app.command("shapes-retrieval")
 @friendly
 def data_shapes_retrieval(
