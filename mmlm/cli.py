@@ -644,6 +644,9 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), help="run folder"),
     embed: bool = typer.Option(False, "--embed", help="then turn the model into a retrieval model (shapes-embed.yaml)"),
     chat: bool = typer.Option(False, "--chat", help="then open the Gradio chat on the trained model"),
+    audio: bool = typer.Option(
+        False, "--audio", help="train the image + audio recipe (shapes and tones worlds; default --out runs/demo-audio)"
+    ),
     port: int = typer.Option(7860, help="--chat: the chat's port"),
     set_: list[str] | None = SetOpt,
 ):
@@ -653,7 +656,14 @@ def demo_cmd(
     from mmlm.demo import run_demo
     from mmlm.train.progress import ConsoleReporter
 
-    m = run_demo(out, set_ or [], reporter=ConsoleReporter())
+    if audio:
+        from mmlm.demo import AUDIO_CONFIG
+
+        if out == Path("runs/demo"):
+            out = Path("runs/demo-audio")
+        m = run_demo(out, set_ or [], reporter=ConsoleReporter(), config=AUDIO_CONFIG)
+    else:
+        m = run_demo(out, set_ or [], reporter=ConsoleReporter())
     if m.get("curve"):
         t = Table(title="accuracy curve (held-out subset)")
         for col in ("step", "stage seconds", "loss", "accuracy"):
@@ -662,6 +672,13 @@ def demo_cmd(
             t.add_row(str(pt["step"]), str(pt["seconds"]), f"{pt['loss']:.3f}", f"{pt['vqa_accuracy']:.3f}")
         console.print(t)
     _print_table(f"held-out VQA ({m['n_eval']} questions)", m)
+    if m.get("by_modality"):
+        t = Table(title="held-out accuracy by modality")
+        for col in ("modality", "n", "accuracy"):
+            t.add_column(col, justify="right" if col != "modality" else "left")
+        for name, v in m["by_modality"].items():
+            t.add_row(name, str(v["n"]), f"{v['accuracy']:.3f}")
+        console.print(t)
     console.print(f"wall time {m['wall_seconds']}s; metrics: {out / 'metrics.json'}")
     qfile = out / "data" / "heldout" / "questions.jsonl"
     q = (

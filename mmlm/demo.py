@@ -41,8 +41,31 @@ def run_demo(out: str | Path = "runs/demo", overrides=(), reporter=None, config:
             "checkpoint": str(out / "final"),
         }
     )
+    by_modality = modality_accuracy(result)
+    if len(by_modality) > 1:
+        metrics["by_modality"] = by_modality
     mfile.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+AUDIO_CONFIG = "shapes-audio.yaml"
+MODALITY_OF_TYPE = {
+    **{t: "image" for t in ("color", "shape", "count", "position", "exists")},
+    **{t: "audio" for t in ("pitch", "beeps", "contour", "timbre")},
+}
+
+
+def modality_accuracy(result: dict) -> dict[str, dict]:
+    """Held-out accuracy per modality, from the per-type accuracies weighted by their counts."""
+    acc: dict[str, list[float]] = {}
+    for t, a in result["by_type"].items():
+        m = MODALITY_OF_TYPE.get(t)
+        n = result.get("n_by_type", {}).get(t, 0)
+        if m and n:
+            acc.setdefault(m, [0.0, 0])
+            acc[m][0] += a * n
+            acc[m][1] += n
+    return {m: {"accuracy": round(c / n, 4), "n": n} for m, (c, n) in acc.items()}
 
 
 EMBED_CONFIG = "shapes-embed.yaml"

@@ -16,7 +16,6 @@ import torch
 from mmlm.data.dataset import StageDataset
 from mmlm.data.records import Record
 from mmlm.errors import SampleError
-from mmlm.modalities import IMAGE_PLACEHOLDER
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -72,20 +71,21 @@ def evaluate(
         for q in qs[start : start + batch_size]:
             if cached[0] != q.record:
                 try:
-                    cached = (q.record, data.images(q.record))
+                    cached = (q.record, data.media(q.record))
                 except SampleError as err:
                     cached = (q.record, None)
                     skipped[err.reason] += 1
-            imgs = cached[1]
-            if imgs is None:
+            media = cached[1]
+            if media is None:
                 continue
             chunk.append(q)
-            n_img = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in q.messages)
-            encoded.append(
-                proc.encode(
-                    q.messages, {"image": imgs[:n_img]} if n_img else None, add_generation_prompt=True, index=q.record
-                )
-            )
+            # a question is a prefix of its record's conversation: the media its turns name so far
+            upto = {}
+            for name, items in media.items():
+                n = sum(m["content"].count(proc.media[name].placeholder) for m in q.messages)
+                if n:
+                    upto[name] = items[:n]
+            encoded.append(proc.encode(q.messages, upto or None, add_generation_prompt=True, index=q.record))
         if not encoded:
             continue
         batch = proc.collate(encoded, padding_side="left")

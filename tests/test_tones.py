@@ -96,3 +96,26 @@ def test_rows_read_into_an_audio_models_batches(tmp_path):
     batch = data.collate([data.load(0), data.load(1)])
     assert batch["input_features"].shape[0] == 2
     assert int((batch["input_ids"] == model.processor.media["audio"].token_id).sum()) == 2 * 8
+
+
+def test_the_tones_format_generates_on_first_use_and_refuses_another_world_at_its_path(tmp_path):
+    from mmlm.config import DataSource
+    from mmlm.data.sources import read_source
+
+    recs = read_source(DataSource(format="tones", path=str(tmp_path / "w"), n=3, seed=0, task="questions"))
+    assert len(recs) == 12 and {r.info["question_types"][0] for r in recs} == {"pitch", "beeps", "contour", "timbre"}
+    qa = read_source(DataSource(format="tones", path=str(tmp_path / "w"), n=3, seed=0, task="qa"))
+    assert len(qa) == 3 and sum(m["role"] == "assistant" for m in qa[0].messages) == 4
+    with pytest.raises(ValueError, match="holds a tones world"):
+        read_source(DataSource(format="tones", path=str(tmp_path / "w"), n=4, seed=0))
+
+
+def test_accuracy_by_modality_weights_each_question_type_by_its_count():
+    from mmlm.demo import modality_accuracy
+
+    result = {
+        "by_type": {"color": 1.0, "shape": 0.5, "pitch": 0.25, "beeps": 1.0, "all": 0.7},
+        "n_by_type": {"color": 30, "shape": 10, "pitch": 40, "beeps": 10},
+    }
+    got = modality_accuracy(result)
+    assert got == {"image": {"accuracy": 0.875, "n": 40}, "audio": {"accuracy": 0.4, "n": 50}}

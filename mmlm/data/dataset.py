@@ -120,6 +120,11 @@ class StageDataset:
         rec = self.records[i]
         if isinstance(rec, PairRecord):
             return load_pair(self.paths[i], self.processor, self.embedding.chat_template, i)
+        return self.processor.encode(rec.messages, self.media(i) or None, index=i, meta=rec.meta)
+
+    def media(self, i: int) -> dict[str, list]:
+        """Sample ``i``'s media by modality, decoded: images, and audio clips as waveforms."""
+        rec = self.records[i]
         images = self.images(i)
         media = {"image": images} if images else {}
         if rec.audios:
@@ -127,7 +132,7 @@ class StageDataset:
 
             rate = self.processor.media["audio"].transform.sampling_rate
             media["audio"] = [read_audio(resolve_image(rec.image_root, a), rate) for a in rec.audios]
-        return self.processor.encode(rec.messages, media or None, index=i, meta=rec.meta)
+        return media
 
     def collate(self, samples: list) -> dict:
         """A micro-batch of loaded samples: the processor's batch, or for pairs its ``query`` and

@@ -193,5 +193,34 @@ def read_shapes(o: ShapesOptions) -> list[Record]:
     return records
 
 
+class TonesOptions(SourceOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "new_dir"}
+    path: str  # folder; generated there on first use
+    n: int = Field(gt=0)  # number of clips in the world
+    seed: int = 0  # clip i depends on (seed, i) only: give held-out splits disjoint seeds
+    # captions: one describe-the-sound sample per clip; qa: a clip's four questions as one
+    # multi-turn conversation; questions: one single-turn sample per question, with its type
+    task: Literal["captions", "qa", "questions"] = "qa"
+
+
+@DATA_FORMATS.register(
+    "tones", options=TonesOptions, summary="the synthetic tones world of beeps (generated on first use)"
+)
+def read_tones(o: TonesOptions) -> list[Record]:
+    from mmlm.data import tones
+
+    root = Path(o.path)
+    want = {"n": o.n, "seed": o.seed}
+    info_file = root / "world.json"
+    if info_file.is_file():
+        have = json.loads(info_file.read_text())
+        if any(have.get(k) != v for k, v in want.items()):
+            raise ValueError(f"{root} holds a tones world with {have}, not {want}; use another path or delete it")
+    else:
+        tones.generate(root, o.n, seed=o.seed)
+    file = {"captions": "captions.json", "qa": "qa.json", "questions": "questions.jsonl"}[o.task]
+    return read_llava(LlavaOptions(path=str(root / file), image_root=str(root), max_samples=o.max_samples))
+
+
 def read_source(src, where: str = "data") -> list[Record]:
     return DATA_FORMATS.create(src, where=where)

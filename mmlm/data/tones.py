@@ -25,9 +25,9 @@ PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
 CONTOURS = ("steady", "rising", "falling")
 TIMBRES = ("sine", "square", "saw")
 COUNTS = {1: "one", 2: "two", 3: "three"}
-QUESTIONS = {
+QUESTIONS = {  # by question type ("beeps", not "count": the shapes world's counts are objects)
     "pitch": "is the sound low, mid or high?",
-    "count": "how many beeps are there?",
+    "beeps": "how many beeps are there?",
     "contour": "is the pitch steady, rising or falling?",
     "timbre": "is the timbre sine, square or saw?",
 }
@@ -70,7 +70,7 @@ def caption(p: dict) -> str:
 
 
 def answer(p: dict, kind: str) -> str:
-    return COUNTS[p["count"]] if kind == "count" else p[kind]
+    return COUNTS[p["count"]] if kind == "beeps" else p[kind]
 
 
 def generate(out: str | Path, n: int, seed: int = 0) -> dict:
@@ -111,4 +111,6 @@ def generate(out: str | Path, n: int, seed: int = 0) -> dict:
     with open(out / "questions.jsonl", "w") as f:
         for row in flat:
             f.write(json.dumps(row) + "\n")
-    return {"seed": seed, "n": n, "questions": len(flat)}
+    info = {"seed": seed, "n": n, "questions": len(flat)}
+    (out / "world.json").write_text(json.dumps(info))
+    return info
