@@ -392,9 +392,9 @@ def test_a_full_queue_answers_429_and_the_server_recovers(model):
     """A worker held busy, one request waiting (max_queue=1): the next gets 429 (the client retries
     429 itself: with max_retries=0 it raises RateLimitError); once the worker is free, all succeed."""
     engine = Engine(model, max_batch=1, window_s=0.0, max_queue=1)
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     real = engine._run_chat
-    engine._run_chat = lambda jobs: (release.wait(30), real(jobs))
+    engine._run_chat = lambda jobs: (entered.set(), release.wait(30), real(jobs))
     server = Server(create_app(engine, "tiny", ServeLimits(max_queue=1), ui=False))
     try:
         c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -403,10 +403,11 @@ def test_a_full_queue_answers_429_and_the_server_recovers(model):
 
         pool = ThreadPoolExecutor(2)
         first = pool.submit(c.chat.completions.create, model="tiny", messages=msgs, max_tokens=4, temperature=0)
-        while engine.queued():  # the worker took the first and is held
-            time.sleep(0.01)
+        assert entered.wait(30)  # the worker took the first and is held
         second = pool.submit(c.chat.completions.create, model="tiny", messages=msgs, max_tokens=4, temperature=0)
-        while not engine.queued():
+        deadline = time.time() + 30
+        while not engine.queued():  # the second waits in the queue
+            assert time.time() < deadline and not second.done(), "the second request never reached the queue"
             time.sleep(0.01)
         with pytest.raises(openai.RateLimitError) as err:
             c.chat.completions.create(model="tiny", messages=msgs, max_tokens=4)

@@ -90,13 +90,12 @@ def test_stop_strings_end_the_answer_and_never_reach_the_stream(model):
 
 def test_the_queue_is_bounded_and_closing_fails_what_waits(model):
     engine = Engine(model, max_batch=1, window_s=0.0, max_queue=2)
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
     real = engine._run_chat
-    engine._run_chat = lambda jobs: (release.wait(30), real(jobs))
+    engine._run_chat = lambda jobs: (entered.set(), release.wait(30), real(jobs))
     try:
         first = ask_job(engine, seed=1, max_tokens=2)
-        while engine.queued():
-            pass
+        assert entered.wait(30)  # the worker holds the first
         waiting = [ask_job(engine, seed=s, max_tokens=2) for s in (2, 3)]
         with pytest.raises(QueueFull, match="2 requests waiting"):
             ask_job(engine, seed=4, max_tokens=2)
