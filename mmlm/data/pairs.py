@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mmlm.data.records import Record, image_ref, resolve_image
+from mmlm.data.records import Record, item_fields, resolve_image
 from mmlm.data.sources import SourceOptions
 from mmlm.embed.extract import prompts_for, render
 from mmlm.errors import SampleError
@@ -93,15 +93,7 @@ def _item(value: Any, what: str) -> dict[str, Any]:
     unknown = sorted(set(value) - set(ITEM_KEYS))
     if unknown:
         raise SampleError(f"{what!r} has unknown key(s) {unknown}; an item has {', '.join(ITEM_KEYS)}", "bad format")
-    item: dict[str, Any] = {}
-    for key in ("text", "instruction"):
-        v = value.get(key)
-        if v is not None and not isinstance(v, str):
-            raise SampleError(f"{what}.{key} must be a string, not {type(v).__name__}", "bad format")
-        if v:
-            item[key] = v
-    if value.get("image") not in (None, ""):
-        item["image"] = image_ref(value["image"], f"{what}.image", "")
+    item = item_fields(value, lambda key: f"{what}.{key}")
     if not (item.get("text", "").strip() or "image" in item):
         raise SampleError(f"{what!r} has no text and no image", "empty side")
     return item

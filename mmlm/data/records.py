@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,21 @@ def image_ref(value: Any, what: str, where: str) -> str:
     if _URL.match(value):
         raise SampleError(f"{what} is {_show(value)}: {REMOTE_REFUSED}", "unsupported format", where=where)
     return value
+
+
+def item_fields(obj: dict, label: Callable[[str], str]) -> dict[str, Any]:
+    """The ``text`` and ``instruction`` (strings; empty ones left out) and ``image`` (a local path,
+    ``image_ref``) of an embedding item or row; ``label(key)`` names a field in the error."""
+    item: dict[str, Any] = {}
+    for key in ("text", "instruction"):
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str):
+            raise SampleError(f"{label(key)} must be a string, not {type(value).__name__}", "bad format")
+        if value:
+            item[key] = value
+    if obj.get("image") not in (None, ""):
+        item["image"] = image_ref(obj["image"], label("image"), "")
+    return item
 
 
 def _part_image(part: dict, what: str, where: str) -> str | None:

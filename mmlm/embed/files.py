@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmlm.data.records import image_ref
+from mmlm.data.records import item_fields
 from mmlm.errors import DataError, SampleError
 from mmlm.images import load_image
 
@@ -91,15 +91,9 @@ def parse_row(obj: Any, line: int, root: Path) -> Row:
     rid = obj.get("id")
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         raise SampleError(f"'id' must be a string or an integer, not {type(rid).__name__}", "bad format")
-    item: dict[str, Any] = {}
-    for key in ("text", "instruction"):
-        value = obj.get(key)
-        if value is not None and not isinstance(value, str):
-            raise SampleError(f"{key!r} must be a string, not {type(value).__name__}", "bad format")
-        if value:
-            item[key] = value
-    if obj.get("image") not in (None, ""):
-        item["image"] = root / image_ref(obj["image"], "image", "")  # an absolute path stays as it is
+    item = item_fields(obj, lambda key: "image" if key == "image" else repr(key))
+    if "image" in item:
+        item["image"] = root / item["image"]  # an absolute path stays as it is
     if not (item.get("text", "").strip() or "image" in item):
         raise SampleError("a row needs a text or an image (or both)", "empty row")
     return Row(line, rid, item)

@@ -153,9 +153,10 @@ def chat_fn(engine, default_max_tokens: int = 64):
     def load_all(paths: list[str]) -> list:
         return [load_image(p, limit) for p in paths]
 
-    def check_prompt(messages: list[dict], images: list) -> None:
-        """Refuse here what the engine would refuse: a failed row there fails the batch beside it."""
-        proc([messages], [{"image": images} if images else None], add_generation_prompt=True)
+    def encode(messages: list[dict], images: list):
+        """The prompt as the engine decodes it, encoded here (off the event loop) so that what the
+        processor refuses is shown to the user, and handed to the engine so it is not encoded twice."""
+        return proc.encode(messages, {"image": images} if images else {}, add_generation_prompt=True, index=0)
 
     async def respond(message, history, temperature=0.0, top_p=1.0, max_tokens=None, system_prompt=""):
         try:
@@ -169,7 +170,7 @@ def chat_fn(engine, default_max_tokens: int = 64):
         except SampleError as err:
             raise gr.Error(f"cannot use this image: {err}") from None
         try:
-            await asyncio.to_thread(check_prompt, messages, images)
+            encoded = await asyncio.to_thread(encode, messages, images)
         except SampleTooLong as err:
             raise gr.Error(
                 f"the conversation is too long for the model: {err.length} tokens (images included), at most "
@@ -183,7 +184,7 @@ def chat_fn(engine, default_max_tokens: int = 64):
             top_p=float(top_p if top_p is not None else 1.0),
         )
         try:
-            stream = engine.chat(messages, images, sampling, loop=asyncio.get_running_loop())
+            stream = engine.chat(messages, images, sampling, loop=asyncio.get_running_loop(), encoded=encoded)
         except QueueFull:
             raise gr.Error("the server is busy (its queue is full): try again in a moment") from None
         except EngineClosed:
