@@ -36,8 +36,9 @@ Two class attributes extend this for objectives that embed pairs (``contrastive`
   ``{"query": batch, "candidate": batch}`` (two processor batches; ``mmlm/data/pairs.py``), the
   trainer runs no forward of its own and ``output`` is None: the objective runs the model it was
   built with (``model.pool``).
-- ``handles_backward``: when true (an instance may set it from its options), the trainer does not
-  call ``objective(output, batch, step)`` and back-propagate the sum; it calls
+- ``handles_backward``: when true (an instance of a ``BackwardObjective`` may set it from its
+  options), the trainer does not call ``objective(output, batch, step)`` and back-propagate the
+  sum; it calls
   ``objective.backward_step(batch, step, scale, backward)`` instead, which computes the losses,
   back-propagates ``scale * sum(losses)`` through ``backward`` (accelerate's, so mixed-precision loss
   scaling applies) in as many passes as it likes (GradCache), and returns the losses, unweighted and
@@ -86,12 +87,17 @@ class Objective(abc.ABC):
     def __call__(self, output, batch: dict[str, Any], step: StepInfo) -> dict[str, torch.Tensor]:
         """Unweighted named losses for one micro-batch."""
 
+
+class BackwardObjective(Objective):
+    """An objective that can back-propagate itself (GradCache): it implements ``backward_step``, and
+    the trainer calls it instead of ``__call__`` whenever the instance sets ``handles_backward``."""
+
+    @abc.abstractmethod
     def backward_step(
         self, batch: dict[str, Any], step: StepInfo, scale: float, backward: Callable[[torch.Tensor], None]
     ) -> dict[str, torch.Tensor]:
-        """For ``handles_backward`` objectives: back-propagate ``scale`` times the sum of the
-        micro-batch's losses with ``backward`` and return the unweighted losses, detached."""
-        raise NotImplementedError(f"{type(self).__name__} does not handle its backward pass")
+        """Back-propagate ``scale`` times the sum of the micro-batch's losses with ``backward`` and
+        return the unweighted losses, detached."""
 
 
 def build_objectives(stage, model, where: str) -> list[Objective]:
@@ -99,5 +105,8 @@ def build_objectives(stage, model, where: str) -> list[Objective]:
     out = []
     for j, comp in enumerate(stage.objectives):
         at = f"{where}.objectives.{j}"
-        out.append(OBJECTIVES.create(comp, model, at, where=at))
+        obj = OBJECTIVES.create(comp, model, at, where=at)
+        if obj.handles_backward and not isinstance(obj, BackwardObjective):
+            raise TypeError(f"{at}: {type(obj).__name__} sets handles_backward but is no BackwardObjective")
+        out.append(obj)
     return out

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from mmlm.data.pairs import split_rows
 from mmlm.embed.extract import normalise
-from mmlm.objectives._base import Objective, ObjectiveOptions, StepInfo
+from mmlm.objectives._base import BackwardObjective, ObjectiveOptions, StepInfo
 from mmlm.registry import OBJECTIVES
 
 
@@ -129,7 +129,7 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     options=ContrastiveOptions,
     summary="InfoNCE on query / candidate embeddings (pairs data): in-batch and hard negatives, LLaVE, GradCache",
 )
-class ContrastiveObjective(Objective):
+class ContrastiveObjective(BackwardObjective):
     data_kind = "pairs"
 
     def __init__(self, opts: ContrastiveOptions, model, where: str):
