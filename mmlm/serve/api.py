@@ -176,7 +176,9 @@ def create_app(
     model = engine.model
     max_prompt = limits.max_prompt_tokens or model.processor.config.max_length
     created = int(time.time())
-    width = int(engine.embed(["x"]).shape[1])  # the embedding width, through the worker like every model call
+    width = (
+        model.config.model.embedding.dim or model.embedding_width
+    )  # what embed returns (every pooling keeps the LLM width)
     app = FastAPI(title="mmlm", docs_url=None, redoc_url=None, openapi_url=None)
 
     def error(status: int, message: str, param=None, code=None, kind=None) -> JSONResponse:
