@@ -159,10 +159,4 @@ class WhisperAudioEncoder(Encoder):
 
     def forward(self, x: torch.Tensor):
         hidden = self.model(x, output_hidden_states=True).hidden_states
-        n = len(hidden)
-        out = []
-        for i in self.select_layers:
-            if not -n <= i < n:
-                raise IndexError(f"select_layers: {i} is out of range; this encoder has {n} hidden states")
-            out.append(hidden[i])
-        return self._pick(out)
+        return self._pick([hidden[self._check_layer(i, len(hidden))] for i in self.select_layers])

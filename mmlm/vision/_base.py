@@ -103,6 +103,16 @@ class Encoder(nn.Module):
         self.layer_shapes = [(int(f.shape[1]), int(f.shape[2])) for f in layers]
         self.num_tokens, self.hidden_size = self.layer_shapes[0]
 
+    @staticmethod
+    def _check_layer(i: int, n: int) -> int:
+        """``i`` as an index into ``n`` hidden states (0 = embeddings); out of range -> IndexError."""
+        if not -n <= i < n:
+            raise IndexError(
+                f"select_layers: {i} is out of range; this model has {n} hidden states "
+                f"(0 = embeddings, {n - 1} = last block)"
+            )
+        return i % n
+
     def _pick(self, layers: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         return layers if self.multi_layer else layers[0]
 

@@ -215,12 +215,7 @@ class HFEncoder(Encoder):
         n = self._n_hidden = self._n_hidden or len(hidden)  # the whole tower's count, from the first forward
         out = []
         for i in self.select_layers:
-            if not -n <= i < n:
-                raise IndexError(
-                    f"select_layers: {i} is out of range; this model has {n} hidden states "
-                    f"(0 = embeddings, {n - 1} = last block)"
-                )
-            h = hidden[i % n]
+            h = hidden[self._check_layer(i, n)]
             if h.ndim == 4:  # convolutional stages: [B, C, H, W]
                 h = nchw_to_nlc(h)
             elif self.drop_prefix_tokens:
