@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from mmlm.errors import ConfigError
 from mmlm.images import DEFAULT_MAX_PIXELS
 from mmlm.modalities import MODALITIES
-from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES, POOLINGS
+from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES, POOLINGS, REDUCERS
 
 
 class Strict(BaseModel):
@@ -94,8 +94,11 @@ class ModelConfig(Strict):
     # (zero at init): tells the LLM which token of an image it is reading
     media_position: dict[str, Literal["learned"]] = Field(default_factory=dict)
     embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)  # how the model embeds items
+    # modality -> a reducer (mmlm/reduce/): merges its tokens before the LLM (tome, visionzip) or
+    # prunes them inside it (fastv; aim does both); at most one reducer that prunes
+    token_reduction: dict[str, Component] = Field(default_factory=dict)
 
-    @field_validator("encoders", "connectors", "media_position")
+    @field_validator("encoders", "connectors", "media_position", "token_reduction")
     @classmethod
     def _modalities(cls, v: dict):
         for m in v:
@@ -111,6 +114,11 @@ class ModelConfig(Strict):
         for m in self.connectors:
             if m not in self.encoders:
                 raise ValueError(f"connector {m!r} has no encoder; add model.encoders.{m}")
+        for m in self.token_reduction:
+            if m not in self.encoders:
+                raise ValueError(
+                    f"token_reduction.{m}: no encoder {m!r}; encoders: {', '.join(self.encoders) or 'none'}"
+                )
         for m in self.media_position:
             if m not in self.encoders:
                 raise ValueError(
@@ -323,6 +331,8 @@ def validate_components(cfg: PipelineConfig) -> None:
     for m, comp in cfg.model.connectors.items():
         comp.parsed(CONNECTORS, f"model.connectors.{m}")
     cfg.model.llm.parsed(LLM_SOURCES, "model.llm")
+    for m, comp in cfg.model.token_reduction.items():
+        comp.parsed(REDUCERS, f"model.token_reduction.{m}")
     cfg.model.embedding.pooling.parsed(POOLINGS, "model.embedding.pooling")
     if cfg.train is not None:
         for i, st in enumerate(cfg.train.stages):
@@ -417,6 +427,7 @@ def raw_parts(raw: dict):
     if isinstance(model, dict):
         yield from items(model.get("encoders"), "model.encoders", ENCODERS, "type")
         yield from items(model.get("connectors"), "model.connectors", CONNECTORS, "type")
+        yield from items(model.get("token_reduction"), "model.token_reduction", REDUCERS, "type")
         if isinstance(model.get("llm"), dict):
             yield "model.llm", model["llm"], LLM_SOURCES, "type"
     train = raw.get("train")

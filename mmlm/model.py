@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -27,7 +28,7 @@ from mmlm.errors import ConfigError, PlaceholderMismatch
 from mmlm.images import load_image
 from mmlm.llm import last_mlp_only_at, load_llm
 from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
-from mmlm.processor import MediaSpec, Processor
+from mmlm.processor import IGNORE_INDEX, MediaSpec, Processor
 from mmlm.registry import ENCODERS
 from mmlm.storage import CHECKPOINT_FORMAT, atomic_dir, save_tensors, tensor_digest
 
@@ -46,6 +47,9 @@ class MultimodalOutput:
     loss: torch.Tensor | None = None
     hidden_states: tuple | None = None
     media_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
+    # with pruning inside the LLM the logits cover only the positions its last layer read: the
+    # batch's labels gathered to those positions (None: the logits cover every position)
+    labels: torch.Tensor | None = None
 
 
 class MultimodalLM(nn.Module):
@@ -58,6 +62,7 @@ class MultimodalLM(nn.Module):
         tokenizer,
         pretrained_prefixes: Iterable[str] = (),
         pooler: nn.Module | None = None,
+        reducers: nn.ModuleDict | None = None,
     ):
         super().__init__()
         self.config = config
@@ -69,6 +74,8 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         # parameter-name prefixes whose weights come from a pretrained source the checkpoint references
         self.pretrained_prefixes = tuple(pretrained_prefixes)
+        # modality -> its token reducer (mmlm/reduce/): merging before the LLM, pruning inside it
+        self.reducers = reducers if reducers is not None else nn.ModuleDict()
         # digests of those weights as the source gave them: a checkpoint stores the ones that differ
         skeleton = tokenizer is None  # parameters on the meta device, for their names (``skeleton``)
         self.source_digests = {} if skeleton else {k: tensor_digest(v) for k, v in self._from_source().items()}
@@ -77,8 +84,9 @@ class MultimodalLM(nn.Module):
         width = llm.get_input_embeddings().weight.shape[1]
         for name, enc in encoders.items():
             n_out = connectors[name].num_output_tokens(enc.num_tokens)
-            media[name] = MediaSpec.of(name, n_out, enc.preprocess, getattr(enc, "tiling", None))
-            if config.model.media_position.get(name) == "learned":
+            n_llm = self.reducers[name].num_output_tokens(n_out) if name in self.reducers else n_out
+            media[name] = MediaSpec.of(name, n_llm, enc.preprocess, getattr(enc, "tiling", None))
+            if config.model.media_position.get(name) == "learned":  # one per connector token, before merging
                 self.media_pos[name] = nn.Parameter(torch.zeros(n_out, width))
         self.processor = None if skeleton else Processor(tokenizer, media, config.processor)
 
@@ -113,6 +121,8 @@ class MultimodalLM(nn.Module):
             media_tokens[name] = tokens
             if name in self.media_pos:
                 tokens = tokens + self.media_pos[name].to(tokens.dtype)
+            if name in self.reducers:
+                tokens = self.reducers[name].merge(tokens)
             n_feat = tokens.shape[0] * tokens.shape[1]
             if n_slots != n_feat:
                 raise PlaceholderMismatch(
@@ -138,15 +148,35 @@ class MultimodalLM(nn.Module):
         if unknown:
             raise TypeError(f"unexpected inputs {unknown}; this model takes media as {sorted(known) or 'none'}")
         embeds, media_tokens = self.embed_inputs(input_ids, media)
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            labels=labels,
-            output_hidden_states=output_hidden_states,
-            use_cache=False,
-        )
-        return MultimodalOutput(out.logits, out.loss, getattr(out, "hidden_states", None), media_tokens)
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        with self.pruning(input_ids, mask) as pruning:
+            out = self.llm(
+                inputs_embeds=embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                labels=labels if pruning is None else None,
+                output_hidden_states=output_hidden_states,
+                use_cache=False,
+            )
+        if pruning is None:
+            return MultimodalOutput(out.logits, out.loss, getattr(out, "hidden_states", None), media_tokens)
+        # the logits are for the positions the last layer read: the labels follow them
+        from mmlm.objectives.lm import causal_lm_loss
+
+        kept = None if labels is None else pruning.align(labels.to(out.logits.device), IGNORE_INDEX)
+        loss = None if kept is None else causal_lm_loss(out.logits, kept)
+        return MultimodalOutput(out.logits, loss, getattr(out, "hidden_states", None), media_tokens, labels=kept)
+
+    def pruning(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather: bool = True):
+        """A context in which the LLM prunes media tokens as the model's pruning reducer says
+        (``mmlm/reduce/_prune.py``); it yields the ``Pruning`` run, or None when nothing prunes."""
+        for name, red in self.reducers.items():
+            if red.prunes:
+                from mmlm.reduce._prune import Pruning
+
+                media = input_ids.to(self.device) == self.processor.media[name].token_id
+                return Pruning(self.llm, red, media, attention_mask.to(self.device), gather=gather)
+        return contextlib.nullcontext()
 
     # ------------------------------------------------------------------ embeddings
     @property
@@ -218,47 +248,51 @@ class MultimodalLM(nn.Module):
                     g.seed()
                 gens.append(g)
             limits = torch.tensor(rows["max_new_tokens"], device=self.device)
-            embeds, _ = self.embed_inputs(batch["input_ids"].to(self.device), batch)
+            ids = batch["input_ids"].to(self.device)
+            embeds, _ = self.embed_inputs(ids, batch)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            kw = _cache_kwarg(self.llm)
-            out = self.llm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
-            )
-            past = _cache_of(out)
-            logits = out.logits[:, -1, :].float()
-            stops = torch.tensor(sorted(self.processor.stop_token_ids()) or [-1], device=self.device)
-            done = limits <= 0
-            result: list[list[int]] = [[] for _ in range(B)]
-            last_pos = pos[:, -1]
-            for step in range(int(limits.max()) if B else 0):
-                nxt = _pick_rows(logits, rows["temperature"], rows["top_p"], rows["top_k"], gens)
-                finished_now = torch.isin(nxt, stops)
-                # one host transfer per step: the new token of each live sequence, -1 for the others
-                toks = torch.where(done | finished_now, torch.full_like(nxt, -1), nxt).tolist()
-                for i, t in enumerate(toks):
-                    if t >= 0:
-                        result[i].append(t)
-                done = done | finished_now | (limits <= step + 1)
-                if stream is not None:
-                    for i in stream(step, toks) or ():
-                        done[i] = True
-                if bool(done.all()):
-                    break
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-                last_pos = last_pos + 1
-                out = self.llm(
-                    input_ids=nxt.unsqueeze(1),
-                    attention_mask=mask,
-                    position_ids=last_pos.unsqueeze(1),
-                    use_cache=True,
-                    **{kw: past},
-                )
-                past = _cache_of(out)
-                logits = out.logits[:, -1, :].float()
-            return result
+            with self.pruning(ids, mask):  # pruned layers keep their own (shorter) KV cache
+                return self._decode(embeds, mask, pos, rows, gens, limits, B, stream)
         finally:
             if was_training:
                 self.train()
+
+    def _decode(self, embeds, mask, pos, rows, gens, limits, B, stream) -> list[list[int]]:
+        """Prefill once, then one token per step with the KV cache (``generate``'s loop)."""
+        kw = _cache_kwarg(self.llm)
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        past = _cache_of(out)
+        logits = out.logits[:, -1, :].float()
+        stops = torch.tensor(sorted(self.processor.stop_token_ids()) or [-1], device=self.device)
+        done = limits <= 0
+        result: list[list[int]] = [[] for _ in range(B)]
+        last_pos = pos[:, -1]
+        for step in range(int(limits.max()) if B else 0):
+            nxt = _pick_rows(logits, rows["temperature"], rows["top_p"], rows["top_k"], gens)
+            finished_now = torch.isin(nxt, stops)
+            # one host transfer per step: the new token of each live sequence, -1 for the others
+            toks = torch.where(done | finished_now, torch.full_like(nxt, -1), nxt).tolist()
+            for i, t in enumerate(toks):
+                if t >= 0:
+                    result[i].append(t)
+            done = done | finished_now | (limits <= step + 1)
+            if stream is not None:
+                for i in stream(step, toks) or ():
+                    done[i] = True
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            last_pos = last_pos + 1
+            out = self.llm(
+                input_ids=nxt.unsqueeze(1),
+                attention_mask=mask,
+                position_ids=last_pos.unsqueeze(1),
+                use_cache=True,
+                **{kw: past},
+            )
+            past = _cache_of(out)
+            logits = out.logits[:, -1, :].float()
+        return result
 
     def chat(self, messages: list[dict], media: dict | None = None, **kw) -> str:
         """Answer a conversation; ``media`` maps a modality to its items in order (PIL images or
@@ -471,4 +505,25 @@ def _assemble(config: PipelineConfig, loaded, skeleton: bool = False) -> Multimo
             layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
         )
     pooler = _at("model.embedding.pooling", build_pooling, config.model.embedding.pooling, llm_dim)
-    return MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes, pooler)
+    reducers = _reducers(config, loaded.model)
+    return MultimodalLM(config, encoders, connectors, loaded.model, loaded.tokenizer, prefixes, pooler, reducers)
+
+
+def _reducers(config: PipelineConfig, llm) -> nn.ModuleDict:
+    """The token reducers ``model.token_reduction`` names; a pruning schedule is checked against
+    the LLM's depth here, and at most one reducer may prune."""
+    from mmlm.reduce import build_reducer
+    from mmlm.reduce._prune import decoder_layers
+
+    out = nn.ModuleDict()
+    pruning = []
+    for name, comp in config.model.token_reduction.items():
+        where = f"model.token_reduction.{name}"
+        red = _at(where, build_reducer, comp, where)
+        if red.prunes:
+            pruning.append(where)
+            _at(where, red.keep_schedule, len(decoder_layers(llm)))
+        out[name] = red
+    if len(pruning) > 1:
+        raise ConfigError(f"only one reducer may prune inside the LLM; {' and '.join(pruning)} both do", pruning[1])
+    return out

@@ -123,6 +123,7 @@ LLM_SOURCES = Registry("llm source", packages=("mmlm.llm",))
 DATA_FORMATS = Registry("data format", packages=("mmlm.data.sources", "mmlm.data.pairs"))
 OBJECTIVES = Registry("objective", packages=("mmlm.objectives",))
 POOLINGS = Registry("pooling", packages=("mmlm.embed.pooling",))
+REDUCERS = Registry("reducer", packages=("mmlm.reduce",))
 
 ALL = {
     "encoders": ENCODERS,
@@ -131,4 +132,5 @@ ALL = {
     "data formats": DATA_FORMATS,
     "objectives": OBJECTIVES,
     "poolings": POOLINGS,
+    "reducers": REDUCERS,
 }

@@ -14,7 +14,7 @@ from mmlm.connectors import build_connector
 from mmlm.errors import ConfigError
 from mmlm.model import build
 from mmlm.objectives import StepInfo, build_objectives
-from mmlm.registry import CONNECTORS, ENCODERS, OBJECTIVES
+from mmlm.registry import CONNECTORS, ENCODERS, OBJECTIVES, REDUCERS
 from tests.helpers import TEXTS, tiny_raw
 
 IN_DIM, OUT_DIM = 32, 64
@@ -75,6 +75,41 @@ def test_connector_unknown_option_is_rejected_with_its_key_path(name):
         parse_config(raw)
     assert err.value.path == "model.connectors.image.no_such_option"
     assert "unknown key" in str(err.value)
+
+
+def make_reducer(name):
+    entry = REDUCERS.get(name)
+    assert entry.example, f"reducer {name!r} is registered without example= options for the contract tests"
+    return REDUCERS.create(Component(type=name, **entry.example), where="model.token_reduction.image")
+
+
+@pytest.mark.parametrize("name", REDUCERS.names())
+def test_reducer_output_count_is_known_before_the_forward(name):
+    red = make_reducer(name)
+    for n in (16, 144, 17):
+        x = torch.randn(2, n, OUT_DIM)
+        out = red.merge(x)
+        assert tuple(out.shape) == (2, red.num_output_tokens(n), OUT_DIM)
+        assert out.shape[1] <= n
+
+
+@pytest.mark.parametrize("name", REDUCERS.names())
+def test_reducer_schedule_is_fractions_of_existing_layers(name):
+    red = make_reducer(name)
+    schedule = red.keep_schedule(4)
+    assert bool(schedule) == red.prunes
+    assert all(0 <= layer < 4 and 0 <= f <= 1 for layer, f in schedule.items())
+    fracs = [schedule[k] for k in sorted(schedule)]
+    assert fracs == sorted(fracs, reverse=True)  # a later layer never reads more than an earlier one
+
+
+@pytest.mark.parametrize("name", REDUCERS.names())
+def test_reducer_unknown_option_is_rejected_with_its_key_path(name):
+    raw = tiny_raw()
+    raw["model"]["token_reduction"] = {"image": {"type": name, **REDUCERS.get(name).example, "no_such_option": 1}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.path == "model.token_reduction.image.no_such_option"
 
 
 def make_encoder(name, seed=0):

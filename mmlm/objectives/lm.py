@@ -26,4 +26,6 @@ class LMOptions(ObjectiveOptions):
 @OBJECTIVES.register("lm", options=LMOptions, summary="next-token loss on the supervised (assistant) tokens")
 class LMObjective(Objective):
     def __call__(self, output, batch, step) -> dict[str, torch.Tensor]:
-        return {"lm": causal_lm_loss(output.logits, batch["labels"])}
+        # pruning inside the LLM leaves logits for its kept positions only, with the labels gathered to them
+        labels = output.labels if getattr(output, "labels", None) is not None else batch["labels"]
+        return {"lm": causal_lm_loss(output.logits, labels)}

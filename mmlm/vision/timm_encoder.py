@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -86,7 +87,11 @@ class TimmEncoder(Encoder):
         bb = self.backbone
         if hasattr(bb, "forward_intermediates"):
             order = sorted(self.select_layers)  # timm returns layers in ascending order
-            feats = bb.forward_intermediates(x, indices=order, intermediates_only=True, output_fmt="NCHW")
+            # stop_early: the blocks after the deepest selected one are not run (their output is unused)
+            early = (
+                {"stop_early": True} if "stop_early" in inspect.signature(bb.forward_intermediates).parameters else {}
+            )
+            feats = bb.forward_intermediates(x, indices=order, intermediates_only=True, output_fmt="NCHW", **early)
             by_index = dict(zip(order, feats, strict=False))
             return self._pick([nchw_to_nlc(by_index[i]) for i in self.select_layers])
         if self.multi_layer:
