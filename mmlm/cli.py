@@ -270,15 +270,17 @@ def ask_cmd(
     top_p: float = 1.0,
     seed: int | None = typer.Option(None, help="sampling seed (the API's seed gives the same answer)"),
     stream: bool = False,
+    set_: list[str] | None = SetOpt,
 ):
-    """Answer one question about images (or none) with a trained checkpoint."""
+    """Answer one question about images (or none) with a trained checkpoint; --set changes what
+    needs no retraining (model.token_reduction.image.keep=0.25)."""
     _quiet()
     from mmlm.checkpoint import load
     from mmlm.errors import SampleError
     from mmlm.images import load_image
 
     try:
-        model = load(checkpoint)
+        model = load(checkpoint, overrides=tuple(set_ or ()))
     except FileNotFoundError as err:
         _fail(err)
     img = []
@@ -341,12 +343,14 @@ def eval_cmd(
     task: Literal["vqa", "retrieval"] = typer.Option("vqa", help="vqa: answers; retrieval: MMEB-style ranking"),
     dim: int | None = typer.Option(None, help="retrieval: Matryoshka dimension of the embeddings"),
     instruction: str | None = typer.Option(None, help="retrieval: instruction given to every query"),
+    set_: list[str] | None = SetOpt,
 ):
     """vqa: exact-match accuracy, overall and per question type. retrieval: P@1, R@5, nDCG@10 and
     MRR of each query's own candidate list (the positive first), per subset and overall."""
     _quiet()
+    overrides = tuple(set_ or ())
     if task == "retrieval":
-        return _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruction)
+        return _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruction, overrides)
     if dim is not None or instruction is not None:
         _fail(ValueError("--dim and --instruction are options of --task retrieval"))
     from mmlm.checkpoint import load
@@ -355,7 +359,7 @@ def eval_cmd(
     from mmlm.evaluate import evaluate
 
     try:
-        model = load(checkpoint)
+        model = load(checkpoint, overrides=overrides)
         recs = read_llava(LlavaOptions(path=str(data), image_root=str(image_root) if image_root else None))
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
@@ -458,13 +462,13 @@ def embed_cmd(
     )
 
 
-def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruction) -> None:
+def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruction, overrides=()) -> None:
     from rich.markup import escape
 
     from mmlm.checkpoint import load
     from mmlm.embed.retrieval import evaluate_retrieval
 
-    model = load(checkpoint)
+    model = load(checkpoint, overrides=overrides)
     with _rate_progress() as bar:
         task = bar.add_task("embedding", total=None)
         m = evaluate_retrieval(

@@ -47,9 +47,16 @@ class MultimodalOutput:
     loss: torch.Tensor | None = None
     hidden_states: tuple | None = None
     media_tokens: dict[str, torch.Tensor] = field(default_factory=dict)
-    # with pruning inside the LLM the logits cover only the positions its last layer read: the
-    # batch's labels gathered to those positions (None: the logits cover every position)
-    labels: torch.Tensor | None = None
+    # with pruning inside the LLM the logits cover only the positions its last layer read: their
+    # indices in the batch ``[B, S]`` and which are real (None: the logits cover every position)
+    kept: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def labels_for(self, labels: torch.Tensor) -> torch.Tensor:
+        """The batch's ``labels`` for the positions the logits cover."""
+        if self.kept is None:
+            return labels
+        idx, valid = self.kept
+        return labels.to(idx.device).gather(1, idx).masked_fill(~valid, IGNORE_INDEX)
 
 
 class MultimodalLM(nn.Module):
@@ -163,9 +170,10 @@ class MultimodalLM(nn.Module):
         # the logits are for the positions the last layer read: the labels follow them
         from mmlm.objectives.lm import causal_lm_loss
 
-        kept = None if labels is None else pruning.align(labels.to(out.logits.device), IGNORE_INDEX)
-        loss = None if kept is None else causal_lm_loss(out.logits, kept)
-        return MultimodalOutput(out.logits, loss, getattr(out, "hidden_states", None), media_tokens, labels=kept)
+        result = MultimodalOutput(out.logits, None, getattr(out, "hidden_states", None), media_tokens, kept=pruning.cur)
+        if labels is not None:
+            result.loss = causal_lm_loss(out.logits, result.labels_for(labels))
+        return result
 
     def pruning(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather: bool = True):
         """A context in which the LLM prunes media tokens as the model's pruning reducer says

@@ -1,6 +1,7 @@
 """The command line as a user runs it: validate, list, data, train, ask, eval."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -58,7 +59,7 @@ def test_list_prints_every_registry():
     ):
         assert f"  {name} " in r.output, name
     sections = [line for line in r.output.splitlines() if line and not line.startswith(" ")]
-    assert sections == ["encoders", "connectors", "llm sources", "data formats", "objectives", "poolings"]
+    assert sections == ["encoders", "connectors", "llm sources", "data formats", "objectives", "poolings", "reducers"]
 
 
 CONNECTORS = {
@@ -108,6 +109,35 @@ def test_every_connector_trains_through_mmlm_train_and_answers_through_ask(name,
     # the same run directory cannot be started twice by accident
     r = runner.invoke(app, ["train", str(f), "--out", str(out)])
     assert r.exit_code == 2 and "--resume" in r.output
+
+
+@pytest.mark.parametrize("name", ["tome", "visionzip", "fastv", "aim"])
+def test_every_reducer_trains_through_mmlm_train_and_switches_through_ask(name, shapes_dir, tmp_path):
+    raw = tiny_raw(str(shapes_dir), n=24, steps=2)
+    raw["model"]["llm"]["config"]["num_hidden_layers"] = 3
+    reduction = {"type": name, "keep": 0.5, **({"layer": 1} if name == "fastv" else {})}
+    raw["model"]["token_reduction"] = {"image": reduction}
+    for st in raw["train"]["stages"]:
+        st["data"][0]["seed"] = 9
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "run"
+    r = runner.invoke(app, ["train", str(f), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    losses = json.loads((out / "metrics.json").read_text())["stages"]["instruct"]["losses"]
+    assert all(math.isfinite(v) for v in losses.values())
+    trained = mmlm.load(out / "final")
+    assert trained.config.model.token_reduction["image"].type == name  # the checkpoint keeps its reducer
+    img = sorted((shapes_dir / "images").glob("*.png"))[0]
+    q = "what color is the circle?"
+    sets = ["--set", "model.token_reduction.image.keep=0.25"]
+    r = runner.invoke(app, ["ask", str(out / "final"), "--image", str(img), q, "--max-new-tokens", "3", *sets])
+    assert r.exit_code == 0, r.output
+    switched = mmlm.load(out / "final", overrides=("model.token_reduction.image.keep=0.25",))
+    assert r.output.strip() == switched.ask(q, Image.open(img), max_new_tokens=3)
+    merges = name != "fastv"
+    n = trained.processor.media["image"].num_tokens
+    assert switched.processor.media["image"].num_tokens == (n // 2 if merges else n)
 
 
 def test_eval_counts_every_question_and_writes_metrics(shapes_dir, tmp_path):

@@ -27,5 +27,4 @@ class LMOptions(ObjectiveOptions):
 class LMObjective(Objective):
     def __call__(self, output, batch, step) -> dict[str, torch.Tensor]:
         # pruning inside the LLM leaves logits for its kept positions only, with the labels gathered to them
-        labels = output.labels if getattr(output, "labels", None) is not None else batch["labels"]
-        return {"lm": causal_lm_loss(output.logits, labels)}
+        return {"lm": causal_lm_loss(output.logits, output.labels_for(batch["labels"]))}

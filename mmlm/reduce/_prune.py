@@ -202,9 +202,3 @@ class Pruning:
             return args, kwargs
 
         return hook
-
-    # ------------------------------------------------------------------ after the forward
-    def align(self, labels: torch.Tensor, ignore: int) -> torch.Tensor:
-        """``labels [B, L]`` for the positions the last layer read (what the logits are for)."""
-        idx, valid = self.cur
-        return labels.gather(1, idx).masked_fill(~valid, ignore)
