@@ -91,7 +91,7 @@ def build(reduction: dict | None = None, layers: int = 4, attn: str | None = Non
     raw = tiny_raw()
     raw["model"]["llm"]["config"]["num_hidden_layers"] = layers
     if attn:
-        raw["model"]["llm"]["config"]["attn_implementation"] = attn
+        raw["model"]["llm"]["attn_implementation"] = attn
     if reduction:
         raw["model"]["token_reduction"] = {"image": reduction}
     torch.manual_seed(0)
@@ -245,3 +245,16 @@ def test_bad_reduction_configs_name_their_key():
     raw["model"]["token_reduction"] = {"image": {"type": "tomee"}}
     with pytest.raises(ConfigError, match="tome"):
         parse_config(raw)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS[2:], ids=lambda r: r["type"])
+def test_gathered_pruning_under_sdpa_equals_the_eager_masking_reference(reduction):
+    fast, slow = build(reduction, attn="sdpa"), build(reduction, attn="eager")
+    assert (fast.llm.config._attn_implementation, slow.llm.config._attn_implementation) == ("sdpa", "eager")
+    slow.load_state_dict(fast.state_dict())
+    real_pruning = slow.pruning
+    slow.pruning = lambda i, m, gather=True: real_pruning(i, m, gather=False)
+    b = batch_of(fast)
+    kw = dict(max_new_tokens=12, temperature=1.0, seed=[5, 6])
+    with torch.no_grad():
+        assert fast.generate(b, **kw) == slow.generate(b, **kw)
