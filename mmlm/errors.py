@@ -14,18 +14,25 @@ class ConfigError(ValueError):
 
     def __init__(self, message: str, path: str = ""):
         self.path = path
+        self.message = message
+        # (key path, message) of each problem, when several were found at once (``from_validation``)
+        self.problems: list[tuple[str, str]] = [(path, message)]
         super().__init__(f"{path}: {message}" if path else message)
 
     @classmethod
     def from_validation(cls, err: Any, prefix: str = "", fields: list[str] | None = None) -> ConfigError:
         """One error for every problem pydantic found, each with its full key path; ``fields`` lists
-        the valid keys, shown when a key is unknown."""
-        lines = []
-        first_path = ""
+        the valid keys, shown when a key is unknown. A ConfigError raised inside a validator (a part
+        that holds another part, as the video encoder holds an image encoder) keeps its own key paths,
+        under the validator's."""
+        problems: list[tuple[str, str]] = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p.startswith("function-")))
             path = ".".join(p for p in (prefix, loc) if p)
-            first_path = first_path or path
+            inner = (e.get("ctx") or {}).get("error")
+            if isinstance(inner, ConfigError):
+                problems += [(".".join(p for p in (path, sub) if p), msg) for sub, msg in inner.problems]
+                continue
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
                 msg = "unknown key" + (f"; valid keys: {', '.join(fields)}" if fields else "")
@@ -33,9 +40,10 @@ class ConfigError(ValueError):
                 msg = f"invalid value {e.get('input')!r}; valid choices: {e['ctx']['expected']}"
             elif e["type"] == "missing":
                 msg = "required key is missing"
-            lines.append(f"{path}: {msg}" if path else msg)
-        exc = cls("; ".join(lines))
-        exc.path = first_path
+            problems.append((path, msg))
+        exc = cls("; ".join(f"{p}: {m}" if p else m for p, m in problems))
+        exc.path = problems[0][0] if problems else ""
+        exc.problems = problems
         return exc
 
 
