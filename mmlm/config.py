@@ -87,7 +87,7 @@ class EmbeddingConfig(Strict):
 
 
 class ModelConfig(Strict):
-    encoders: dict[str, Component] = Field(default_factory=dict)  # modality (image, audio) -> encoder part
+    encoders: dict[str, Component] = Field(default_factory=dict)  # modality (image, audio, video) -> encoder part
     connectors: dict[str, Component] = Field(default_factory=dict)  # modality -> connector part (one per encoder)
     llm: Component  # the causal LM part: hf, gguf or scratch
     # a learned position embedding per media token, added in the LLM's space after the connector

@@ -17,8 +17,10 @@ class Modality:
 
 IMAGE_PLACEHOLDER = "<image>"
 AUDIO_PLACEHOLDER = "<audio>"
+VIDEO_PLACEHOLDER = "<video>"
 
 MODALITIES: dict[str, Modality] = {
     "image": Modality("image", IMAGE_PLACEHOLDER, -200, "pixel_values"),  # [B, 3, H, W]
     "audio": Modality("audio", AUDIO_PLACEHOLDER, -300, "input_features"),  # [B, mels, frames]
+    "video": Modality("video", VIDEO_PLACEHOLDER, -400, "pixel_values_videos"),  # [B, frames, 3, H, W]
 }

@@ -200,11 +200,11 @@ class Processor:
         return Encoded(ids, labels, out_media, {k: list(v) for k, v in (meta or {}).items()})
 
     def _tensor(self, name: str, spec: MediaSpec, item: Any) -> torch.Tensor:
-        """One media item as the encoder takes it; images meet the input size by ``processor.resize``
-        (a tensor is taken as already transformed)."""
+        """One media item as the encoder takes it; images (and video frames) meet the input size by
+        ``processor.resize`` (a tensor is taken as already transformed)."""
         if isinstance(item, torch.Tensor):
             return item
-        if name == "image" and self.config.resize != "squash":
+        if name in ("image", "video") and self.config.resize != "squash":
             return spec.transform(item, resize=self.config.resize)
         return spec.transform(item)
 
@@ -314,8 +314,9 @@ class Processor:
     def collate(self, samples: Sequence[Encoded], padding_side: str | None = None) -> dict[str, Any]:
         """Pad and stack encoded samples into a batch with transformers' keys: ``input_ids``,
         ``attention_mask``, ``position_ids``, ``labels`` (-100 off the assistant turns), one tensor per
-        modality under its batch key (``pixel_values`` ``[items, 3, H, W]`` for images, items in order of
-        appearance), and ``media_meta``: per-item annotations by key (``patch_labels``), in that order."""
+        modality under its batch key (``pixel_values`` ``[items, 3, H, W]`` for images,
+        ``pixel_values_videos`` ``[items, frames, 3, H, W]`` for videos, items in order of appearance),
+        and ``media_meta``: per-item annotations by key (``patch_labels``), in that order."""
         side = padding_side or self.config.padding_side
         width = max(len(s.input_ids) for s in samples)
         B = len(samples)

@@ -110,7 +110,7 @@ class Registry:
         return entry.target(component.parsed(self, where), *args, **kwargs)
 
 
-ENCODERS = Registry("encoder", packages=("mmlm.vision", "mmlm.audio"))
+ENCODERS = Registry("encoder", packages=("mmlm.vision", "mmlm.audio", "mmlm.video"))
 CONNECTORS = Registry(
     "connector",
     packages=("mmlm.connectors",),

@@ -128,6 +128,12 @@ def test_encoder_declares_what_its_forward_returns(name):
         clips = [enc.preprocess(np.sin(np.arange(n) / 40).astype(np.float32)) for n in (3000, 50000)]
         assert clips[0].shape == clips[1].shape
         feats = enc(torch.stack(clips))
+    elif enc.modality == "video":  # any number of frames of any size in, its own frame count and size out
+        h, w = enc.preprocess.size
+        n = enc.preprocess.num_frames
+        clips = [enc.preprocess([Image.new("RGB", (w + 7, h + 3), (20 * k, 30, 30)) for k in range(t)]) for t in (1, 9)]
+        assert all(tuple(c.shape) == (n, 3, h, w) for c in clips)
+        feats = enc(torch.stack(clips))
     else:
         h, w = enc.preprocess.size
         pixels = enc.preprocess(Image.new("RGB", (w + 7, h + 3), (200, 30, 30)))  # any size in, its own size out
@@ -141,6 +147,8 @@ def test_encoder_state_dict_round_trips(name):
     a, b = make_encoder(name, seed=0), make_encoder(name, seed=1)
     if a.modality == "audio":
         x = torch.randn(1, *a.preprocess(torch.randn(1000)).shape)
+    elif a.modality == "video":
+        x = torch.randn(1, a.preprocess.num_frames, 3, *a.preprocess.size)
     else:
         x = torch.randn(1, 3, *a.preprocess.size)
     assert not torch.allclose(a(x), b(x))
