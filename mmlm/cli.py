@@ -197,6 +197,23 @@ def data_tones(
     console.print(f"wrote {info['n']} clips and {info['questions']} questions to {out}")
 
 
+@data_app.command("clips")
+@friendly
+def data_clips(
+    out: Path = typer.Option(..., help="output folder"),
+    n: int = typer.Option(1000, min=1, help="clips"),
+    seed: int = typer.Option(0, help="seed (use disjoint seeds for held-out splits)"),
+    image_size: int = typer.Option(48, min=16, help="frame side in pixels"),
+    frames: int = typer.Option(8, min=4, help="frames per clip"),
+):
+    """Write the clips world: folders of PNG frames where a shape moves or appears or disappears,
+    captions and questions."""
+    from mmlm.data.clips import generate
+
+    info = generate(out, n, seed=seed, image_size=image_size, frames=frames)
+    console.print(f"wrote {info['n']} clips and {info['questions']} questions to {out} ({info['by_type']})")
+
+
 @data_app.command("shapes-retrieval")
 @friendly
 def data_shapes_retrieval(
@@ -265,6 +282,9 @@ def ask_cmd(
     question: str,
     image: list[Path] | None = typer.Option(None, help="image file (repeat for several, in order)"),
     audio: list[Path] | None = typer.Option(None, help="sound file: WAV, FLAC (repeat for several, in order)"),
+    video: list[Path] | None = typer.Option(
+        None, help="video: a folder of frame images or a video file (PyAV) (repeat for several, in order)"
+    ),
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -307,6 +327,7 @@ def ask_cmd(
             question,
             img,
             audio=[str(a) for a in audio] if audio else None,
+            video=[str(v) for v in video] if video else None,
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,

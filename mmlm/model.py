@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 from mmlm.config import PipelineConfig
@@ -27,7 +28,7 @@ from mmlm.embed.pooling import build_pooling
 from mmlm.errors import ConfigError, PlaceholderMismatch
 from mmlm.images import load_image
 from mmlm.llm import last_mlp_only_at, load_llm
-from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mmlm.processor import IGNORE_INDEX, MediaSpec, Processor
 from mmlm.registry import ENCODERS
 from mmlm.storage import CHECKPOINT_FORMAT, atomic_dir, save_tensors, tensor_digest
@@ -304,7 +305,8 @@ class MultimodalLM(nn.Module):
 
     def chat(self, messages: list[dict], media: dict | None = None, **kw) -> str:
         """Answer a conversation; ``media`` maps a modality to its items in order (PIL images or
-        image file paths, read with ``processor.max_image_pixels``)."""
+        image file paths, read with ``processor.max_image_pixels``; sound files; videos: lists of
+        frames, frame folders or video files)."""
         limit = self.processor.config.max_image_pixels
 
         def read(name, p):
@@ -314,19 +316,31 @@ class MultimodalLM(nn.Module):
                 from mmlm.audio.whisper_encoder import read_audio
 
                 return read_audio(p, self.processor.media["audio"].transform.sampling_rate)
+            if name == "video":  # without a video encoder, the processor refuses it by name
+                from mmlm.video.read import read_video
+
+                spec = self.processor.media.get("video")
+                return read_video(p, spec.transform.num_frames, limit) if spec else p
             return load_image(p, limit)
 
         media = {name: [read(name, p) for p in items] for name, items in (media or {}).items()}
         batch = self.processor([messages], [media], add_generation_prompt=True)
         return self.processor.decode(self.generate(batch, **kw)[0])
 
-    def ask(self, question: str, image=None, audio=None, **kw) -> str:
+    def ask(self, question: str, image=None, audio=None, video=None, **kw) -> str:
         """One question about no image, one, or a list of them (PIL images or file paths, in order),
-        and audio clips (waveforms at the encoder's sampling rate, ``(waveform, rate)`` pairs or
-        sound files). A question without ``<image>`` (``<audio>``) gets one placeholder per item in
-        front, audio first; one that has them must have as many as there are items."""
+        audio clips (waveforms at the encoder's sampling rate, ``(waveform, rate)`` pairs or sound
+        files) and videos (frame folders, video files, or a list of PIL frames; several videos: a list
+        of those). A question without ``<image>`` (``<audio>``, ``<video>``) gets one placeholder per
+        item in front, video first, then audio; one that has them must have as many as there are items."""
         media = {}
-        for name, placeholder, given in (("image", IMAGE_PLACEHOLDER, image), ("audio", AUDIO_PLACEHOLDER, audio)):
+        for name, placeholder, given in (
+            ("image", IMAGE_PLACEHOLDER, image),
+            ("audio", AUDIO_PLACEHOLDER, audio),
+            ("video", VIDEO_PLACEHOLDER, video),
+        ):
+            if name == "video" and isinstance(given, list) and given and isinstance(given[0], Image.Image):
+                given = [given]  # one video given as its frames
             items = [] if given is None else list(given) if isinstance(given, list) else [given]
             n = question.count(placeholder)
             if n == 0 and items:
@@ -334,7 +348,7 @@ class MultimodalLM(nn.Module):
             elif n != len(items):
                 raise ValueError(
                     f"the question has {n} {placeholder} placeholder(s) but {len(items)} "
-                    f"{'image(s)' if name == 'image' else 'audio clip(s)'} were given"
+                    f"{ {'image': 'image(s)', 'audio': 'audio clip(s)', 'video': 'video(s)'}[name] } were given"
                 )
             if items:
                 media[name] = items

@@ -16,8 +16,9 @@ from mmlm.data.pairs import PairEncoded, PairRecord, check_pair, collate_pairs, 
 from mmlm.data.records import Record, resolve_image
 from mmlm.errors import SampleError
 from mmlm.images import load_image, to_rgb
-from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mmlm.processor import Encoded, Processor
+from mmlm.video.read import check_video, read_video
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,21 @@ class StageDataset:
             raise SampleError(
                 f"{n_ph} {IMAGE_PLACEHOLDER} placeholders but {len(rec.images)} images", "media count mismatch"
             )
-        n_audio = sum(m["content"].count(AUDIO_PLACEHOLDER) for m in rec.messages)
-        if n_audio != len(rec.audios):
-            raise SampleError(
-                f"{n_audio} {AUDIO_PLACEHOLDER} placeholders but {len(rec.audios)} audio files", "media count mismatch"
-            )
-        if rec.audios and "audio" not in self.processor.media:
-            raise SampleError("the sample has audio but the model has no audio encoder", "bad media")
+        for name, placeholder, files, noun in (
+            ("audio", AUDIO_PLACEHOLDER, rec.audios, "audio files"),
+            ("video", VIDEO_PLACEHOLDER, rec.videos, "videos"),
+        ):
+            n_ph = sum(m["content"].count(placeholder) for m in rec.messages)
+            if n_ph != len(files):
+                raise SampleError(f"{n_ph} {placeholder} placeholders but {len(files)} {noun}", "media count mismatch")
+            if files and name not in self.processor.media:
+                raise SampleError(f"the sample has {name} but the model has no {name} encoder", "bad media")
         for a in rec.audios:
             p = resolve_image(rec.image_root, a)
             if not p.is_file():
                 raise SampleError(f"audio not found: {p}", "missing audio")
+        for v in rec.videos:  # a folder must hold frames; a file is decoded when the sample is loaded
+            check_video(resolve_image(rec.image_root, v))
         if not any(m["role"] == "assistant" for m in rec.messages):
             raise SampleError("no assistant turn to learn from", "no target")
         sizes = None
@@ -123,7 +128,8 @@ class StageDataset:
         return self.processor.encode(rec.messages, self.media(i) or None, index=i, meta=rec.meta)
 
     def media(self, i: int) -> dict[str, list]:
-        """Sample ``i``'s media by modality, decoded: images, and audio clips as waveforms."""
+        """Sample ``i``'s media by modality, decoded: images, audio clips as waveforms, and videos as
+        their sampled frames."""
         rec = self.records[i]
         images = self.images(i)
         media = {"image": images} if images else {}
@@ -132,6 +138,9 @@ class StageDataset:
 
             rate = self.processor.media["audio"].transform.sampling_rate
             media["audio"] = [read_audio(resolve_image(rec.image_root, a), rate) for a in rec.audios]
+        if rec.videos:
+            n, limit = self.processor.media["video"].transform.num_frames, self.processor.config.max_image_pixels
+            media["video"] = [read_video(resolve_image(rec.image_root, v), n, limit) for v in rec.videos]
         return media
 
     def collate(self, samples: list) -> dict:

@@ -26,6 +26,7 @@ class Record:
     source: str = ""
     row: int | None = None  # its index in ``source`` (the stage's index can differ: several sources, weights)
     audios: list[Any] = field(default_factory=list)  # sound files (relative paths, read under image_root)
+    videos: list[Any] = field(default_factory=list)  # frame folders or video files (relative, under image_root)
 
     def texts(self) -> list[str]:
         """Every text this record can feed the LLM: the messages (media placeholders removed) and the

@@ -1,5 +1,5 @@
 """Readers for the data formats a stage can name: ``llava`` (JSON / JSONL), ``hf`` (datasets), and
-``shapes`` (the synthetic world, generated on first use)."""
+the synthetic worlds ``shapes``, ``tones`` and ``clips`` (generated on first use)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mmlm.data.records import Record, image_ref, read_conversation
 from mmlm.errors import DataError, SampleError
-from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
+from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mmlm.registry import DATA_FORMATS
 
 
@@ -86,16 +86,24 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
         info = {"question_types": [row.get("type", "all")]}
     else:
         raise SampleError("needs 'conversations' (LLaVA) or 'question'/'answer' keys", "bad format", index, where=where)
-    audio = row.get("audio", row.get("audios"))
-    audio = [] if audio is None else [audio] if isinstance(audio, str) else audio
-    if not isinstance(audio, list) or not all(isinstance(a, str) and a for a in audio):
-        raise SampleError(
-            "'audio' must be a sound file path or a list of them", "unsupported format", index, where=where
-        )
-    if audio and not any(AUDIO_PLACEHOLDER in m["content"] for m in msgs):  # as for images: before the first turn
+    audio = _media_paths(row, "audio", AUDIO_PLACEHOLDER, "a sound file path", msgs, index, where)
+    video = _media_paths(row, "video", VIDEO_PLACEHOLDER, "a folder of frames or a video file", msgs, index, where)
+    return Record(
+        str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index, audios=audio, videos=video
+    )
+
+
+def _media_paths(row: dict, key: str, placeholder: str, what: str, msgs: list[dict], index: int, where: str):
+    """The paths a row gives under ``key`` (or ``key + "s"``): one string or a list of them. When no
+    message holds ``placeholder``, one per item is put before the first user turn (as for images)."""
+    given = row.get(key, row.get(f"{key}s"))
+    given = [] if given is None else [given] if isinstance(given, str) else given
+    if not isinstance(given, list) or not all(isinstance(a, str) and a for a in given):
+        raise SampleError(f"{key!r} must be {what} or a list of them", "unsupported format", index, where=where)
+    if given and not any(placeholder in m["content"] for m in msgs):
         first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
-        msgs[first] = {**msgs[first], "content": AUDIO_PLACEHOLDER * len(audio) + "\n" + msgs[first]["content"]}
-    return Record(str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index, audios=audio)
+        msgs[first] = {**msgs[first], "content": placeholder * len(given) + "\n" + msgs[first]["content"]}
+    return given
 
 
 @DATA_FORMATS.register("llava", options=LlavaOptions, summary="LLaVA-format JSON or JSONL, images under image_root")
@@ -218,6 +226,38 @@ def read_tones(o: TonesOptions) -> list[Record]:
             raise ValueError(f"{root} holds a tones world with {have}, not {want}; use another path or delete it")
     else:
         tones.generate(root, o.n, seed=o.seed)
+    file = {"captions": "captions.json", "qa": "qa.json", "questions": "questions.jsonl"}[o.task]
+    return read_llava(LlavaOptions(path=str(root / file), image_root=str(root), max_samples=o.max_samples))
+
+
+class ClipsOptions(SourceOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "new_dir"}
+    path: str  # folder; generated there on first use
+    n: int = Field(gt=0)  # number of clips in the world
+    seed: int = 0  # clip i depends on (seed, i) only: give held-out splits disjoint seeds
+    image_size: int = Field(48, ge=16)  # side of the square frames in pixels
+    frames: int = Field(8, ge=4)  # frames per clip (written as frame_00.png ...)
+    # captions: one describe-the-video sample per clip; qa: a clip's three questions as one
+    # multi-turn conversation; questions: one single-turn sample per question, with its type
+    task: Literal["captions", "qa", "questions"] = "qa"
+
+
+@DATA_FORMATS.register(
+    "clips", options=ClipsOptions, summary="the synthetic video world of moving shapes (generated on first use)"
+)
+def read_clips(o: ClipsOptions) -> list[Record]:
+    from mmlm.data import clips
+
+    root = Path(o.path)
+    want = {"n": o.n, "seed": o.seed, "image_size": o.image_size, "frames": o.frames}
+    info_file = root / "world.json"
+    if info_file.is_file():
+        have = json.loads(info_file.read_text())
+        if any(have.get(k) != v for k, v in want.items()):
+            have = {k: have.get(k) for k in want}
+            raise ValueError(f"{root} holds a clips world with {have}, not {want}; use another path or delete it")
+    else:
+        clips.generate(root, o.n, seed=o.seed, image_size=o.image_size, frames=o.frames)
     file = {"captions": "captions.json", "qa": "qa.json", "questions": "questions.jsonl"}[o.task]
     return read_llava(LlavaOptions(path=str(root / file), image_root=str(root), max_samples=o.max_samples))
 
