@@ -258,3 +258,18 @@ def test_gathered_pruning_under_sdpa_equals_the_eager_masking_reference(reductio
     kw = dict(max_new_tokens=12, temperature=1.0, seed=[5, 6])
     with torch.no_grad():
         assert fast.generate(b, **kw) == slow.generate(b, **kw)
+
+
+def test_pruning_survives_activation_checkpointing():
+    """Checkpointing runs each layer again in backward: the cut must be the same both times."""
+    grads = []
+    for checkpointing in (False, True):
+        model = build({"type": "aim", "keep": 0.5})
+        model.train()
+        if checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        b = batch_of(model, side="right")
+        out = model(**model.inputs(b), labels=b["labels"])
+        out.loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.connectors["image"].parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)

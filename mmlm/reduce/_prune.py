@@ -90,6 +90,9 @@ class Pruning:
         self.state: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> its slots (for decoding)
         self.decoded = 0  # decoding steps seen
         self.kept: dict[int, list[int]] = {}  # layer -> media tokens kept per row (for tests and logs)
+        # layer -> (input length, gather index or None, kwargs given): replayed when activation
+        # checkpointing recomputes the layer in backward
+        self.plans: dict[int, tuple] = {}
         self._handles: list = []
 
     # ------------------------------------------------------------------ context
@@ -134,6 +137,14 @@ class Pruning:
     def _hook(self, layer: int, first: bool):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
+            plan = self.plans.get(layer)
+            if plan is not None and hidden.shape[1] == plan[0] and torch.is_grad_enabled():
+                # activation checkpointing runs the layer again in backward: the same cut again
+                sel, updates = plan[1], plan[2]
+                if sel is not None:
+                    hidden = hidden.gather(1, sel.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+                kwargs.update(updates)
+                return self._with_hidden(args, kwargs, hidden)
             if layer in self.state:  # decoding: one new token per row
                 if first:
                     self.decoded += 1
@@ -158,8 +169,10 @@ class Pruning:
                 return t.gather(1, idx.view(*idx.shape, *([1] * (t.dim() - 2))).expand(*idx.shape, *t.shape[2:]))
 
             allow, keyok = self._prefill_allow(idx, valid)
+            in_len, sel = hidden.shape[1], None
             if layer in self.schedule:
-                probs = attention_probs(module, hidden, take(full_cos), take(full_sin), allow)
+                with torch.no_grad():  # the choice is not differentiable: no graph for the scores
+                    probs = attention_probs(module, hidden, take(full_cos), take(full_sin), allow)
                 media = self.media.gather(1, idx) & keyok
                 text = keyok & ~media
                 last = torch.where(keyok, torch.arange(idx.shape[1], device=idx.device), -1).max(dim=1).values
@@ -189,16 +202,21 @@ class Pruning:
                 self.cur = (idx, valid)
                 allow, keyok = self._prefill_allow(idx, valid)
             self.state[layer] = (idx, valid)
-            kwargs["position_embeddings"] = (take(full_cos), take(full_sin))
+            updates = {"position_embeddings": (take(full_cos), take(full_sin))}
             if full_pos is not None:
-                kwargs["position_ids"] = take(full_pos)
-            if "cache_position" in kwargs and kwargs["cache_position"] is not None:
-                kwargs["cache_position"] = torch.arange(idx.shape[1], device=idx.device)
-            kwargs["attention_mask"] = self._format(allow, keyok, hidden.dtype)
-            if args:
-                args = (hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = hidden
-            return args, kwargs
+                updates["position_ids"] = take(full_pos)
+            if kwargs.get("cache_position") is not None:
+                updates["cache_position"] = torch.arange(idx.shape[1], device=idx.device)
+            updates["attention_mask"] = self._format(allow, keyok, hidden.dtype)
+            kwargs.update(updates)
+            self.plans[layer] = (in_len, sel, updates)
+            return self._with_hidden(args, kwargs, hidden)
 
         return hook
+
+    @staticmethod
+    def _with_hidden(args, kwargs, hidden):
+        if args:
+            return (hidden, *args[1:]), kwargs
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
