@@ -178,17 +178,19 @@ def _tokenizer_dir(directory: Path) -> Path:
 
 def load_as(directory, config: PipelineConfig, where: str = "train.init_from") -> MultimodalLM:
     """The model ``config`` names with the weights and tokenizer of checkpoint ``directory``, which must
-    hold the same parts; only ``model.embedding`` may differ (a new learned pooling starts fresh).
-    A run that starts from another run's checkpoint (``train.init_from``) is built this way."""
+    hold the same parts; only ``model.embedding`` (a new learned pooling starts fresh) and
+    ``model.token_reduction`` (reducers hold no weights) may differ. A run that starts from another
+    run's checkpoint (``train.init_from``) is built this way."""
     directory = Path(directory)
     saved, meta = read_checkpoint_config(directory)
-    before = {k: v for k, v in saved.model.model_dump(mode="json").items() if k != "embedding"}
-    now = {k: v for k, v in config.model.model_dump(mode="json").items() if k != "embedding"}
+    free = ("embedding", "token_reduction")
+    before = {k: v for k, v in saved.model.model_dump(mode="json").items() if k not in free}
+    now = {k: v for k, v in config.model.model_dump(mode="json").items() if k not in free}
     differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
     if differ:
         raise ConfigError(
             f"{directory} holds another model: model.{', model.'.join(differ)} differ from this config's "
-            "(only model.embedding may)",
+            "(only model.embedding and model.token_reduction may)",
             where,
         )
     model = build(config, tokenizer_dir=str(_tokenizer_dir(directory)))
