@@ -82,6 +82,13 @@ def test_the_clips_format_generates_on_first_use_reads_every_task_and_refuses_an
     assert len(list((tmp_path / "w" / recs[0].videos[0]).glob("frame_*.png"))) == 6
     qa = read_source(DataSource(**src, task="qa"))
     assert len(qa) == 4 and sum(m["role"] == "assistant" for m in qa[0].messages) == 3
+    for r in qa:  # a word per connector token for sea: 3/8 what happens, 3/8 the shape, the rest the colour
+        answers = dict(zip(r.info["question_types"], [m["content"] for m in r.messages[1::2]], strict=True))
+        happens = answers.get("direction", answers.get("event"))
+        assert (
+            r.meta["query_labels"][0]["4"] == [happens] * 6 + [answers["clip_shape"]] * 6 + [answers["clip_color"]] * 4
+        )
+        assert len(r.meta["query_labels"][0]["3"]) == 9 and len(r.meta["query_labels"]) == len(r.videos) == 1
     caps = read_source(DataSource(**src, task="captions"))
     assert caps[0].messages[1]["content"].split()[0] == "a"
     with pytest.raises(ValueError, match="holds a clips world"):

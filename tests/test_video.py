@@ -110,7 +110,7 @@ def test_the_token_count_is_known_before_the_forward_and_frame_positions_make_or
     blocks = feats[0].view(4, 4, 32)  # the same frame at positions 0..3
     assert all(not torch.allclose(blocks[0], blocks[k]) for k in (1, 2, 3))
 
-    plain = frames_encoder(frame_position=False)
+    plain = frames_encoder(frame_position="none")
     with torch.no_grad():
         same = plain(still[None])[0].view(4, 4, 32)
     assert all(torch.equal(same[0], same[k]) for k in (1, 2, 3))
@@ -162,6 +162,7 @@ def video_raw(world: str, **stage) -> dict:
                 {
                     "name": "qa",
                     "data": [{"format": "clips", "path": world, "n": 6, "seed": 4, "image_size": 32, "task": "qa"}],
+                    "objectives": [{"type": "lm"}, {"type": "sea", "modality": "video", "label_key": "query_labels"}],
                     "lr": 1e-2,
                     "steps": 3,
                     "batch_size": 2,
@@ -180,6 +181,8 @@ def test_a_video_model_trains_through_mmlm_train_reloads_identically_and_answers
     f.write_text(yaml.safe_dump(video_raw(str(world))))
     r = runner.invoke(app, ["train", str(f), "--out", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
+    losses = json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]["qa"]["losses"]
+    assert set(losses) == {"lm", "sea"} and all(0 < v < 20 for v in losses.values())  # sea reads query_labels
 
     init, final = mmlm.load(tmp_path / "run" / "init"), mmlm.load(tmp_path / "run" / "final")
     moved = [k for k, v in final.encoders["video"].state_dict().items() if k.startswith("frame_pos")]

@@ -2,9 +2,10 @@
 a white ground that moves in one direction or appears or disappears partway, with captions and
 questions (LLaVA rows with ``"video"``: a folder of frame images).
 
-- event: ``left``, ``right``, ``up`` or ``down`` (the shape travels a third to a half of the frame,
-  from a random start, at constant speed), or ``appears`` / ``disappears`` (the shape stands still
-  and is absent before / after a frame between the third and the third-to-last);
+- event: ``left``, ``right``, ``up`` or ``down`` (the shape, 30-40% of the frame's side, travels a
+  third to a half of the frame from a random start, at constant speed), or ``appears`` /
+  ``disappears`` (the shape stands still and is absent before / after a frame between the third
+  and the third-to-last);
 - shape: ``circle``, ``square`` or ``triangle``; colour: the shapes world's six.
 
 Questions, by type: ``direction`` ("which way does the shape move?", moving clips),
@@ -15,7 +16,8 @@ so that a model trained on both worlds is scored on each.
 ``generate(out, n, seed)`` writes ``clips/<id>/frame_NN.png``, ``captions.json`` and ``qa.json``
 (LLaVA rows), ``questions.jsonl`` (one question per line with its type and answer) and
 ``clips.json`` (each clip's parameters and the shape's box in every frame), deterministic by seed;
-use disjoint seeds for held-out splits."""
+use disjoint seeds for held-out splits. The ``clips`` data format also gives each clip
+``query_labels`` (``query_labels``): a word per connector output token, for the ``sea`` objective."""
 
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ def plan(rng: np.random.Generator, size: int = 48, frames: int = 8) -> dict:
     event = str(EVENTS[int(rng.integers(len(EVENTS)))])
     shape = SHAPES[int(rng.integers(len(SHAPES)))]
     color = list(COLORS)[int(rng.integers(len(COLORS)))]
-    side = int(rng.integers(round(size * 0.25), round(size * 0.33) + 1))
+    side = int(rng.integers(round(size * 0.3), round(size * 0.4) + 1))
     lo, hi = side / 2, size - side / 2  # where the centre may be with the shape inside the frame
     centres: list[tuple[float, float] | None]
     if event in DIRECTIONS:
@@ -96,6 +98,19 @@ def questions(p: dict) -> list[dict]:
     kind = "direction" if p["event"] in DIRECTIONS else "event"
     answers = {kind: p["event"], "clip_shape": p["shape"], "clip_color": p["color"]}
     return [{"type": t, "question": QUESTIONS[t], "answer": a} for t, a in answers.items()]
+
+
+QUERY_GRIDS = (2, 3, 4, 5, 6, 8)  # token counts (their squares) the query labels are written for
+
+
+def query_labels(p: dict, m: int) -> list[str]:
+    """A word per output token of a connector that gives ``m`` tokens per clip, for token-level
+    alignment (the ``sea`` objective with ``label_key: query_labels``): three eighths of the tokens
+    are labelled with what happens (the direction or the event), three eighths with the shape and the
+    rest with the colour (the easiest fact); so each learned query is pinned to one fact of the clip."""
+    n_event = max(1, m * 3 // 8)
+    n_shape = min(m - n_event, max(1, m * 3 // 8))
+    return [p["event"]] * n_event + [p["shape"]] * n_shape + [p["color"]] * (m - n_event - n_shape)
 
 
 def generate(out: str | Path, n: int, seed: int = 0, image_size: int = 48, frames: int = 8) -> dict:

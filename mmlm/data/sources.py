@@ -259,7 +259,13 @@ def read_clips(o: ClipsOptions) -> list[Record]:
     else:
         clips.generate(root, o.n, seed=o.seed, image_size=o.image_size, frames=o.frames)
     file = {"captions": "captions.json", "qa": "qa.json", "questions": "questions.jsonl"}[o.task]
-    return read_llava(LlavaOptions(path=str(root / file), image_root=str(root), max_samples=o.max_samples))
+    records = read_llava(LlavaOptions(path=str(root / file), image_root=str(root), max_samples=o.max_samples))
+    params = {c["video"]: c for c in json.loads((root / "clips.json").read_text())}
+    for r in records:  # a word per connector token (the sea objective with label_key: query_labels)
+        if r.videos and all(v in params for v in r.videos):
+            labels = [{str(g): clips.query_labels(params[v], g * g) for g in clips.QUERY_GRIDS} for v in r.videos]
+            r.meta = {"query_labels": labels}
+    return records
 
 
 def read_source(src, where: str = "data") -> list[Record]:

@@ -1,21 +1,22 @@
 """Video as frames (Video-LLaMA): any registered image encoder runs on every frame, a learned
-frame-position embedding (one vector per frame index) is added to each frame's tokens, and the
-tokens of all frames go to the connector as one sequence ``[items, frames * N, D]``, so a ``qformer``
-connector is Video-LLaMA's video Q-Former over all frames.
+frame-position embedding (one vector per frame index; or, with ``frame_position: frame_token``, one
+per frame index and token) is added to each frame's tokens, and the tokens of all frames go to the
+connector as one sequence ``[items, frames * N, D]``, so a ``qformer`` connector is Video-LLaMA's
+video Q-Former over all frames.
 
 A video item is a list of frames (PIL images, or an array ``[T, H, W, 3]``), a folder of frame
 images or a video file (PyAV: the ``video`` extra); ``num_frames`` of them are sampled uniformly
 (``mmlm/video/read.py``) and each is brought to the image encoder's input by its own transform,
 giving ``[frames, 3, H, W]``.
 
-The frame-position table starts as a sinusoid table of std 0.02 (deterministic, so an encoder
-whose image encoder has pretrained weights is rebuilt identically from its source)."""
+The frame-position table starts as a sinusoid table of std ``frame_position_std`` (deterministic, so
+an encoder whose image encoder has pretrained weights is rebuilt identically from its source)."""
 
 from __future__ import annotations
 
 import math
 import os
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -40,8 +41,10 @@ class FramesOptions(EncoderOptions):
     select_layers: list[int] = Field(default_factory=lambda: [-1])
     tiling: TilingOptions | None = None  # refused: a video's frames are not tiled
     num_frames: int = Field(8, ge=1)  # frames sampled uniformly from each video (the first and last included)
-    # a learned embedding per frame index added to that frame's tokens (Video-LLaMA): the order of frames
-    frame_position: bool = True
+    # a learned position table added to the frames' tokens: frame is one vector per frame index (Video-LLaMA);
+    # frame_token one per frame index and token (a joint space-time table, as in ViViT), so that pooling the
+    # tokens of an object keeps which place it held at which time; none adds nothing
+    frame_position: Literal["frame", "frame_token", "none"] = "frame"
     # the std of the frame-position table at init (a sinusoid table scaled to it): near the features' own
     # scale lets the order of frames be read from the start (Video-LLaMA's table starts at N(0, 1) beside
     # layer-normed features); a pretrained image encoder's features may want less
@@ -146,10 +149,15 @@ class FramesEncoder(Encoder):
         self.layer_shapes = [(opts.num_frames * n, d) for n, d in shapes]
         self.num_tokens, self.hidden_size = self.layer_shapes[0]
         self.frame_pos = None
-        if opts.frame_position:
-            self.frame_pos = nn.ParameterList(
-                [nn.Parameter(sinusoid_table(opts.num_frames, d, opts.frame_position_std)) for _, d in shapes]
-            )
+        if opts.frame_position != "none":
+            F, std = opts.num_frames, opts.frame_position_std
+            tables = [
+                sinusoid_table(F, d, std)[:, None, :]
+                if opts.frame_position == "frame"
+                else sinusoid_table(F * n, d, std).view(F, n, d)
+                for n, d in shapes
+            ]
+            self.frame_pos = nn.ParameterList([nn.Parameter(t) for t in tables])
         self.preprocess = VideoTransform(image.preprocess, opts.num_frames)
 
     def forward(self, x: torch.Tensor):
@@ -162,6 +170,6 @@ class FramesEncoder(Encoder):
         for k, f in enumerate(layers):
             f = f.reshape(B, F, f.shape[1], f.shape[2])
             if self.frame_pos is not None:
-                f = f + self.frame_pos[k][None, :, None, :].to(f.dtype)
+                f = f + self.frame_pos[k][None].to(f.dtype)
             result.append(f.reshape(B, F * f.shape[2], f.shape[3]))
         return self._pick(result)
