@@ -672,6 +672,9 @@ def demo_cmd(
     audio: bool = typer.Option(
         False, "--audio", help="train the image + audio recipe (shapes and tones worlds; default --out runs/demo-audio)"
     ),
+    video: bool = typer.Option(
+        False, "--video", help="train the video recipe (the clips world; default --out runs/demo-video)"
+    ),
     port: int = typer.Option(7860, help="--chat: the chat's port"),
     set_: list[str] | None = SetOpt,
 ):
@@ -681,12 +684,14 @@ def demo_cmd(
     from mmlm.demo import run_demo
     from mmlm.train.progress import ConsoleReporter
 
-    if audio:
-        from mmlm.demo import AUDIO_CONFIG
+    if audio and video:
+        _fail(ValueError("give --audio or --video, not both"))
+    if audio or video:
+        from mmlm.demo import AUDIO_CONFIG, VIDEO_CONFIG
 
         if out == Path("runs/demo"):
-            out = Path("runs/demo-audio")
-        m = run_demo(out, set_ or [], reporter=ConsoleReporter(), config=AUDIO_CONFIG)
+            out = Path("runs/demo-audio" if audio else "runs/demo-video")
+        m = run_demo(out, set_ or [], reporter=ConsoleReporter(), config=AUDIO_CONFIG if audio else VIDEO_CONFIG)
     else:
         m = run_demo(out, set_ or [], reporter=ConsoleReporter())
     if m.get("curve"):
@@ -711,8 +716,9 @@ def demo_cmd(
         if qfile.is_file()
         else {"image": "IMAGE.png", "question": "how many objects are there?"}
     )
-    image = out / "data" / "heldout" / q["image"] if qfile.is_file() else q["image"]
-    console.print(f'ask the trained model:\n  mmlm ask {out / "final"} --image {image} "{q["question"]}"')
+    kind = next((k for k in ("video", "audio", "image") if k in q), "image")  # the held-out row's media
+    media = out / "data" / "heldout" / q[kind] if qfile.is_file() else q[kind]
+    console.print(f'ask the trained model:\n  mmlm ask {out / "final"} --{kind} {media} "{q["question"]}"')
     if embed:
         from mmlm.demo import run_embed_demo
 

@@ -49,9 +49,11 @@ def run_demo(out: str | Path = "runs/demo", overrides=(), reporter=None, config:
 
 
 AUDIO_CONFIG = "shapes-audio.yaml"
+VIDEO_CONFIG = "shapes-video.yaml"
 MODALITY_OF_TYPE = {
     **{t: "image" for t in ("color", "shape", "count", "position", "exists")},
     **{t: "audio" for t in ("pitch", "beeps", "contour", "timbre")},
+    **{t: "video" for t in ("direction", "event", "clip_shape", "clip_color")},
 }
 
 

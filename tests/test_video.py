@@ -110,6 +110,12 @@ def test_the_token_count_is_known_before_the_forward_and_frame_positions_make_or
     blocks = feats[0].view(4, 4, 32)  # the same frame at positions 0..3
     assert all(not torch.allclose(blocks[0], blocks[k]) for k in (1, 2, 3))
 
+    joint = frames_encoder(frame_position="frame_token")  # a vector per frame and token: places differ too
+    assert tuple(joint.frame_pos[0].shape) == (4, 4, 32)
+    with torch.no_grad():
+        joint_blocks = (joint(still[None])[0] - joint.image(still[:1])[0].repeat(4, 1)).view(4, 4, 32)
+    torch.testing.assert_close(joint_blocks, joint.frame_pos[0].detach())  # exactly the table is added
+
     plain = frames_encoder(frame_position="none")
     with torch.no_grad():
         same = plain(still[None])[0].view(4, 4, 32)
