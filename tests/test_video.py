@@ -226,8 +226,9 @@ def test_a_video_model_trains_through_mmlm_train_reloads_identically_and_answers
 
 def test_bad_video_rows_are_named_by_sample(tmp_path):
     """A missing clip folder, an empty one and a placeholder count that does not match are named with
-    their row under on_bad_sample: error and counted under skip; a video row for a model without a
-    video encoder is refused naming the row."""
+    their row under on_bad_sample: error and counted under skip; a video file that cannot be decoded
+    stops training naming its row; a video row for a model without a video encoder is refused naming
+    the row."""
     from mmlm.data.dataset import StageDataset
     from mmlm.data.sources import read_source
 
@@ -258,6 +259,16 @@ def test_bad_video_rows_are_named_by_sample(tmp_path):
 
     r = runner.invoke(app, ["train", _yaml(tmp_path, raw), "--out", str(tmp_path / "run")])
     assert r.exit_code == 2 and "sample 1 (id gone)" in r.output and "video not found" in r.output
+
+    # a file that is there but cannot be decoded is found when the sample is loaded, and named then
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not a video")
+    (tmp_path / "rows.json").write_text(
+        json.dumps([rows[0], {"id": "broken", "video": "broken.mp4", "conversations": turns}])
+    )
+    raw["train"]["stages"][0]["batch_size"] = 2
+    r = runner.invoke(app, ["train", _yaml(tmp_path, raw), "--out", str(tmp_path / "run2")])
+    assert r.exit_code == 2 and "sample 1 (id broken)" in r.output, r.output
+    assert "cannot be decoded" in r.output or "mmlm[video]" in r.output  # without PyAV: the extra to install
 
     image_only = build(parse_config(tiny_raw()), texts=["what is it ? red"])
     with pytest.raises(SampleError) as err:
