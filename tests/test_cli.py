@@ -42,6 +42,8 @@ def test_list_prints_every_registry():
         "timm",
         "open_clip",
         "hf",
+        "frames",
+        "clips",
         "mlp",
         "qformer",
         "resampler",
