@@ -1,7 +1,8 @@
 """Token reduction: what each method saves and what it costs, against no reduction in the same run.
 
-    python benchmarks/token_reduction.py                      # after training configs/shapes-144.yaml
-    python benchmarks/token_reduction.py --checkpoint runs/s144/final --tuned runs/s144/tome/final
+    python benchmarks/token_reduction.py   # after `mmlm train configs/shapes-144.yaml` and
+    #                                        `mmlm train configs/shapes-144-tome.yaml --out runs/shapes-144/tome`
+    python benchmarks/token_reduction.py --checkpoint runs/shapes-144/final --tuned runs/shapes-144/tome/final
 
 Two models, each measured for every method (tome, visionzip, fastv, aim) at keep 1, 0.5 and 0.25:
 
@@ -200,9 +201,9 @@ def run_model(label, load, batch_for, n_text_media, repeats, decode_tokens, acc=
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", default="runs/s144/final", help="a trained configs/shapes-144.yaml")
-    ap.add_argument("--tuned", default="runs/s144/tome/final", help="the same fine-tuned with tome (keep 0.25)")
-    ap.add_argument("--data", default="runs/s144/data/heldout")
+    ap.add_argument("--checkpoint", default="runs/shapes-144/final", help="a trained configs/shapes-144.yaml")
+    ap.add_argument("--tuned", default="runs/shapes-144/tome/final", help="the same fine-tuned with tome (keep 0.25)")
+    ap.add_argument("--data", default="runs/shapes-144/data/heldout")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="prompts per batch (shapes-144)")
     ap.add_argument("--questions", type=int, default=500, help="held-out questions per accuracy")
