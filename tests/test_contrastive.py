@@ -84,6 +84,9 @@ def _gathered_rank(rank, world, init_file, q, c, out):
         loss = contrastive_loss(mine_q, mine_c, temperature=0.05, alpha=9, symmetric=True)
         loss.backward()
         torch.save({"loss": loss.detach(), "q": mine_q.grad, "c": mine_c.grad}, f"{out}.{rank}")
+        # both ranks done with every collective before either tears gloo down: a rank that exited
+        # while the other still talked to it aborted ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
