@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from mmlm.reduce._base import Reducer, ReducerOptions, keep_count
-from mmlm.reduce.tome import bipartite_merge, merge_schedule
+from mmlm.reduce._base import ReducerOptions
+from mmlm.reduce.tome import ToMe, merge_schedule
 from mmlm.registry import REDUCERS
 
 
@@ -37,18 +37,11 @@ class AIMOptions(ReducerOptions):
     summary="AIM: ToMe merging before the LLM, then pruning falling linearly over its second half",
     example={"keep": 0.5},
 )
-class AIM(Reducer):
+class AIM(ToMe):
+    """ToMe's merging (``num_output_tokens``, ``merge``) down to ``keep``, plus pruning."""
+
     def _schedule(self, n: int) -> list[int]:
         return merge_schedule(n, self.opts.keep, None, 1)
-
-    def num_output_tokens(self, num_input_tokens: int) -> int:
-        return num_input_tokens - sum(self._schedule(num_input_tokens))
-
-    def merge(self, tokens: torch.Tensor) -> torch.Tensor:
-        size = torch.ones(*tokens.shape[:2], 1, dtype=torch.float32, device=tokens.device)
-        for r in self._schedule(tokens.shape[1]):
-            tokens, size = bipartite_merge(tokens, size, r)
-        return tokens
 
     @property
     def prunes(self) -> bool:
@@ -73,12 +66,3 @@ class AIM(Reducer):
         for _ in range(self.opts.iterations):
             s = (1 - d) * s0 + d * torch.einsum("bqk,bq->bk", attn.float(), s)
         return s
-
-
-def kept_at(n: int, schedule: dict[int, float], layer: int) -> int:
-    """How many of ``n`` tokens the schedule lets ``layer`` read (a helper for tests and docs)."""
-    frac = 1.0
-    for k in sorted(schedule):
-        if k <= layer:
-            frac = schedule[k]
-    return keep_count(n, frac)
