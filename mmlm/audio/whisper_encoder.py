@@ -13,6 +13,7 @@ the encoder's hidden states as for images (0: the embeddings, -1: the last block
 from __future__ import annotations
 
 import os
+import struct
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,7 +51,9 @@ def resample(wave: np.ndarray, sr: int, target: int) -> np.ndarray:
 
 
 def read_audio(path, sampling_rate: int = 16000) -> np.ndarray:
-    """A sound file as a mono float32 waveform at ``sampling_rate``; failures are SampleErrors."""
+    """A sound file as a mono float32 waveform at ``sampling_rate``; failures are SampleErrors: a
+    missing file, one that cannot be decoded, a WAV cut short (which libsndfile would read without a
+    word, the missing end dropped), and an empty one (0 bytes, or a header and no samples)."""
     try:
         import soundfile
     except ImportError:
@@ -59,11 +62,40 @@ def read_audio(path, sampling_rate: int = 16000) -> np.ndarray:
         ) from None
     if not os.path.isfile(path):
         raise SampleError(f"audio not found: {path}", "missing audio")
+    if os.path.getsize(path) == 0:
+        raise SampleError(f"audio {path} is an empty file (0 bytes)", "empty audio")
     try:
         data, sr = soundfile.read(str(path), dtype="float32", always_2d=True)
+        cut = wav_truncation(path)
     except (RuntimeError, OSError, ValueError) as err:  # soundfile's LibsndfileError is a RuntimeError
         raise SampleError(f"audio {path} cannot be decoded: {err}", "corrupt audio") from None
+    if cut:
+        raise SampleError(f"audio {path} is truncated: {cut}", "corrupt audio")
+    if data.shape[0] == 0:
+        raise SampleError(f"audio {path} holds no samples (zero length)", "empty audio")
     return resample(data.mean(axis=1), sr, sampling_rate)
+
+
+def wav_truncation(path) -> str | None:
+    """Why a RIFF/WAVE file is cut short (its ``data`` chunk declares more bytes than the file
+    holds), or None: for a complete WAV, any other format, and a WAV written as a stream (a data
+    size of 0 or 0xFFFFFFFF, to be filled in later)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return None
+        size = os.fstat(f.fileno()).st_size
+        pos = 12
+        while pos + 8 <= size:
+            f.seek(pos)
+            chunk, n = struct.unpack("<4sI", f.read(8))
+            if chunk == b"data":
+                have = size - pos - 8
+                if n in (0, 0xFFFFFFFF) or n <= have:
+                    return None
+                return f"its data chunk declares {n} bytes of samples but the file holds {have}"
+            pos += 8 + n + (n & 1)  # chunks are padded to an even size
+    return None
 
 
 class AudioTransform:
@@ -85,7 +117,7 @@ class AudioTransform:
                 "unsupported format",
             )
         if wave.size == 0:
-            raise SampleError("an audio item is empty", "corrupt audio")
+            raise SampleError("an audio item is empty (zero length)", "empty audio")
         out = self.extractor(wave, sampling_rate=self.sampling_rate, return_tensors="pt")
         return out.input_features[0]
 
