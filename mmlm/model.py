@@ -525,6 +525,7 @@ def _assemble(config: PipelineConfig, loaded, skeleton: bool = False) -> Multimo
             llm=loaded.model,
             where=f"model.connectors.{name}",
             layer_dims=[d for _, d in getattr(enc, "layer_shapes", [(enc.num_tokens, enc.hidden_size)])],
+            modality=name,
         )
     pooler = _at("model.embedding.pooling", build_pooling, config.model.embedding.pooling, llm_dim)
     reducers = _reducers(config, loaded.model)

@@ -110,6 +110,49 @@ def test_an_image_and_audio_model_takes_audio_placeholders_and_the_clip_matters(
         model.processor.encode(conv[0], {"image": [img]})  # an <audio> without its clip
 
 
+def audio_raw(audio_connector: dict, image_connector: dict | None = None) -> dict:
+    raw = tiny_raw()
+    raw["model"]["encoders"]["audio"] = {"type": "whisper", **EXAMPLE}
+    raw["model"]["connectors"]["audio"] = audio_connector
+    if image_connector is not None:
+        raw["model"]["connectors"]["image"] = image_connector
+    return raw
+
+
+def media_tokens_per_item(model, prompt: str, media: dict) -> dict[str, tuple[int, int]]:
+    """Per modality: the placeholder ids the processor wrote for one item, and the tokens its
+    connector gave in the forward."""
+    batch = model.processor([[{"role": "user", "content": prompt}]], [media])
+    with torch.no_grad():
+        out = model(**model.inputs(batch))
+    return {
+        name: (int((batch["input_ids"] == model.processor.media[name].token_id).sum()), out.media_tokens[name].shape[1])
+        for name in media
+    }
+
+
+def test_an_audio_qformer_has_8_queries_by_default_an_image_one_32_and_num_queries_wins(tmp_path):
+    from PIL import Image
+
+    from mmlm.checkpoint import load
+
+    img = Image.new("RGB", (32, 32), (200, 0, 0))
+    media = {"audio": [tone(440)], "image": [img]}
+    torch.manual_seed(0)
+    model = build(parse_config(audio_raw({"type": "qformer"}, {"type": "qformer"})), texts=["hi"]).eval()
+    assert media_tokens_per_item(model, "<audio><image> hi", media) == {"audio": (8, 8), "image": (32, 32)}
+    model.save(tmp_path / "ck")  # the config keeps num_queries unset; the reload resolves it the same way
+    assert "num_queries" not in (tmp_path / "ck" / "mmlm.yaml").read_text()
+    assert media_tokens_per_item(load(tmp_path / "ck").eval(), "<audio><image> hi", media) == {
+        "audio": (8, 8),
+        "image": (32, 32),
+    }
+
+    explicit = audio_raw({"type": "qformer", "num_queries": 5}, {"type": "qformer", "num_queries": 3})
+    model = build(parse_config(explicit), texts=["hi"]).eval()
+    assert media_tokens_per_item(model, "<audio><image> hi", media) == {"audio": (5, 5), "image": (3, 3)}
+
+
 def test_mmlm_ask_audio_answers_as_model_ask(tmp_path):
     from typer.testing import CliRunner
 

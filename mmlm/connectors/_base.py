@@ -12,6 +12,11 @@ with ``(options, in_dim, out_dim, llm)``. It has exactly two methods the rest of
 What a connector needs of the LLM (AlignVLM's embedding matrix, Ovis's embedding statistics) it
 takes at build time from ``llm``; a tensor it uses by reference is held outside the module tree
 (``LLMRef``) so it is never part of the connector's state dict or of a checkpoint twice.
+
+An option whose default depends on the modality the connector serves (the Q-Former's ``num_queries``:
+8 for audio, 32 otherwise) defaults to ``None`` in its options model and is filled in by the options'
+``for_modality`` when ``build_connector`` is told the modality (the key under ``model.connectors``),
+so the connector itself receives plain, complete options and never learns its modality.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ class ConnectorOptions(BaseModel):
     # how to merge several encoder layers (``select_layers`` with more than one entry) before the
     # connector: see ``mmlm/connectors/_fusion.py``; refused when the encoder gives one layer
     fusion: Literal["concat", "scalar_mix", "gated_xattn"] | None = None
+
+    def for_modality(self, modality: str | None) -> ConnectorOptions:
+        """These options with every default that depends on the modality the connector serves
+        filled in (``modality`` None: the defaults for images); an option given in the YAML is
+        kept as written. The base has no such default."""
+        return self
 
 
 class Connector(nn.Module, abc.ABC):
@@ -75,8 +86,12 @@ def build_connector(
     llm: nn.Module | None = None,
     where: str = "model.connectors",
     layer_dims: list[int] | None = None,
+    modality: str | None = None,
 ) -> Connector:
     """Build a connector from its config entry (``type`` plus options).
+
+    ``modality`` is the modality the connector serves (image, audio, video): the options'
+    ``for_modality`` fills in the defaults that depend on it (None: those for images).
 
     ``layer_dims`` gives the width of each encoder layer when the encoder returns several (its
     ``select_layers`` order, deep layer first); the connector's ``fusion`` option then picks how they
@@ -110,7 +125,8 @@ def build_connector(
                 f"{'encoder and connector' if key == 'in_dim' else 'connector and LLM'}",
                 f"{where}.{key}",
             )
-    inner = CONNECTORS.create(component, in_dim, out_dim, llm, where=where)
+    entry = CONNECTORS.get(component.name, where=f"{where}.{component.name_key}")
+    inner = entry.target(opts.for_modality(modality), in_dim, out_dim, llm)
     return inner if fusion is None else FusedConnector(fusion, inner)
 
 

@@ -4,7 +4,8 @@ Each layer: self-attention among the queries, cross-attention from the queries t
 features (on layers ``i`` with ``i % cross_attention_freq == 0``), feed-forward; pre-LayerNorm
 residual blocks. Then ``Linear(hidden, out_dim)``. The output has ``num_queries`` tokens whatever
 the number of encoder tokens, and since no position embedding is added to the encoder tokens the
-output does not depend on their order.
+output does not depend on their order. ``num_queries`` defaults by modality: 8 for audio (Video-LLaMA's
+audio Q-Former), 32 for images and video (BLIP-2, Video-LLaMA's video Q-Former).
 """
 
 from __future__ import annotations
@@ -17,14 +18,24 @@ from mmlm.connectors._base import Connector
 from mmlm.connectors._latent import FeedForward, LatentAttentionOptions
 from mmlm.registry import CONNECTORS
 
+QUERIES_BY_MODALITY = {"audio": 8}  # num_queries when not given: Video-LLaMA's audio Q-Former
+DEFAULT_QUERIES = 32  # any other modality: BLIP-2, Video-LLaMA's video Q-Former
+
 
 class QFormerOptions(LatentAttentionOptions):
-    num_queries: int = Field(32, ge=1)  # K learned queries = tokens per image given to the LLM (32 in BLIP-2)
+    # K learned queries = tokens per image (clip, video) given to the LLM; null: by the modality the
+    # connector serves, 8 for audio (Video-LLaMA's audio Q-Former), 32 otherwise (BLIP-2, Video-LLaMA's video)
+    num_queries: int | None = Field(None, ge=1)
     num_layers: int = Field(2, ge=1)  # Q-Former layers (BLIP-2 uses 12, from BERT-base)
     # cross-attention to the features on every n-th layer, the first included: 2 in BLIP-2, 1 in Video-LLaMA
     cross_attention_freq: int = Field(2, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)  # dropout probability in the attention and feed-forward blocks
     query_init_std: float = Field(0.02, gt=0)  # std of the normal initialisation of the learned queries
+
+    def for_modality(self, modality: str | None) -> QFormerOptions:
+        if self.num_queries is not None:
+            return self
+        return self.model_copy(update={"num_queries": QUERIES_BY_MODALITY.get(modality, DEFAULT_QUERIES)})
 
 
 class QFormerLayer(nn.Module):
@@ -54,6 +65,7 @@ class QFormerConnector(Connector):
     def __init__(self, opts: QFormerOptions, in_dim: int, out_dim: int, llm=None):
         super().__init__(in_dim, out_dim)
         hidden = opts.width(in_dim, "Q-Former")
+        opts = opts.for_modality(None)  # resolved already by build_connector; else the default for images
         self.opts = opts
         self.queries = nn.Parameter(torch.randn(1, opts.num_queries, hidden) * opts.query_init_std)
         self.norm_feats = nn.LayerNorm(in_dim)  # BLIP-2's ln_vision; per token, so order-free
