@@ -273,3 +273,22 @@ def test_items_without_patch_labels_are_a_clear_error(world):
     # a micro-batch without images gives the objective nothing to do (and is no error)
     text_only = proc.encode([{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "red"}])
     assert call([text_only]) == {}
+
+
+def test_sea_aligns_the_connector_grid_when_tokens_are_merged_before_the_llm(world):
+    """ToMe halves the tokens the LLM reads (16 -> 8 per image, not a square), but SEA labels the
+    connector's 4x4 grid, before merging: the model builds and SEA's loss reads 16 tokens per image."""
+    raw = _raw(world.data)
+    raw["model"]["token_reduction"] = {"image": {"type": "tome", "keep": 0.5}}
+    cfg = parse_config(raw)
+    model = _model(cfg, world.texts)
+    assert model.processor.media["image"].num_tokens == 8
+    model.train()
+    sea = build_objectives(cfg.train.stages[0], model, "train.stages.0")[1]
+    batch = model.processor.collate([StageDataset(world.recs, model.processor, "error").load(i) for i in range(3)])
+    out = model(**model.inputs(batch))
+    assert out.media_tokens["image"].shape == (3, 16, 64)
+    loss = sea(out, batch, _step())["sea"]
+    assert torch.isfinite(loss) and float(loss) > 0
+    loss.backward()
+    assert next(model.connectors["image"].parameters()).grad.abs().sum() > 0

@@ -201,7 +201,8 @@ class SEAObjective(Objective):
                 f"the model has no {opts.modality!r} encoder; encoders: {', '.join(model.encoders) or 'none'}",
                 f"{where}.modality",
             )
-        m = model.processor.media[opts.modality].num_tokens
+        # SEA reads the connector's output (media_tokens), before any token reduction merges it
+        m = model.connectors[opts.modality].num_output_tokens(model.encoders[opts.modality].num_tokens)
         if math.isqrt(m) ** 2 != m:
             conn = model.config.model.connectors[opts.modality].type
             raise ConfigError(
