@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("tome", "visionzip", "fastv", "aim")
+DTYPE: list = [None]  # autocast dtype for every forward (--dtype); None: the weights' own
 KEEPS = (1.0, 0.5, 0.25)
 
 BIG = {
@@ -105,12 +106,21 @@ def llm_flops(model, n_text: int, n_media_llm: int) -> float:
     return total + 2 * d * cfg.vocab_size  # the LM head, for the last position only
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up
     out = []
     for _ in range(repeats):
+        _sync()
         t = time.perf_counter()
         fn()
+        _sync()
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
@@ -118,8 +128,9 @@ def median_time(fn, repeats: int) -> float:
 def measure(model, batch, repeats: int, decode_tokens: int) -> dict:
     import torch
 
+    batch = {k: (v.to(model.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(model.device.type, dtype=DTYPE[0], enabled=DTYPE[0] is not None):
         prefill = median_time(lambda: model.generate(batch, max_new_tokens=1), repeats)
         embeds, _ = model.embed_inputs(ids, batch)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -202,7 +213,13 @@ def run_model(label, load, batch_for, n_text_media, repeats, decode_tokens, acc=
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", default="runs/shapes-144/final", help="a trained configs/shapes-144.yaml")
-    ap.add_argument("--tuned", default="runs/shapes-144/tome/final", help="the same fine-tuned with tome (keep 0.25)")
+    ap.add_argument(
+        "--tuned",
+        action="append",
+        default=None,
+        help="the same model fine-tuned with a reducer on (its config names it); repeatable "
+        "(default runs/shapes-144/tome/final)",
+    )
     ap.add_argument("--data", default="runs/shapes-144/data/heldout")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8, help="prompts per batch (shapes-144)")
@@ -212,15 +229,20 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-big", action="store_true", help="only the shapes-144 model")
     ap.add_argument("--big-repeats", type=int, default=3, help="timed runs per figure on the 0.5B-shaped model")
     ap.add_argument("--results", default=None, help="write the tables here (markdown)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="autocast dtype of the forwards")
     args = ap.parse_args(argv)
 
     import torch
     import transformers
 
     import mmlm
+    from mmlm.checkpoint import read_checkpoint_config
     from mmlm.config import parse_config
 
     torch.set_num_threads(args.threads)
+    DTYPE[0] = torch.bfloat16 if args.dtype == "bf16" else None
+    dev = args.device
     ckpt, data = Path(args.checkpoint), Path(args.data)
     if not (ckpt / "mmlm.yaml").is_file() or not (data / "questions.jsonl").is_file():
         raise SystemExit(f"{ckpt} or {data} is missing: train configs/shapes-144.yaml first (see the docstring)")
@@ -233,16 +255,23 @@ def main(argv=None) -> int:
         return n_text, n_media
 
     def load_shapes(method, keep):
-        return mmlm.load(ckpt, overrides=tuple(reduction_sets(method, keep))).eval(), method or "none"
+        return mmlm.load(ckpt, overrides=tuple(reduction_sets(method, keep)), device=dev).eval(), method or "none"
 
-    extra = []
-    tuned = Path(args.tuned)
-    if (tuned / "mmlm.yaml").is_file():
-        extra = [("tome+train", 0.25)]
+    tuned = {}  # (label, keep) -> checkpoint fine-tuned with that reducer on
+    for t in args.tuned or ["runs/shapes-144/tome/final"]:
+        if not (Path(t) / "mmlm.yaml").is_file():
+            print(f"no tuned checkpoint at {t}; left out")
+            continue
+        red = read_checkpoint_config(Path(t))[0].model.token_reduction.get("image")
+        red = red.model_dump() if red is not None else {"type": "none", "keep": 1.0}
+        keep = float(red.get("keep", 1.0))
+        label = f"{red['type']}+train" if keep < 1 else "none+train"
+        tuned[(label, keep)] = Path(t)
+    extra = list(tuned)
 
     def load_any(method, keep):
-        if method == "tome+train":
-            return mmlm.load(tuned).eval(), method
+        if (method, keep) in tuned:
+            return mmlm.load(tuned[(method, keep)], device=dev).eval(), method
         return load_shapes(method, keep)
 
     rows = run_model(
@@ -264,7 +293,10 @@ def main(argv=None) -> int:
         def load_big(method, keep):
             cfg = parse_config(json.loads(json.dumps(BIG)), reduction_sets(method, keep))
             torch.manual_seed(0)
-            return mmlm.build(cfg, texts=[q["question"] for q in questions[:200]]).eval(), method or "none"
+            with torch.device(dev):  # random weights initialised where they run (0.5B on a CPU takes seconds)
+                model = mmlm.build(cfg, texts=[q["question"] for q in questions[:200]])
+            model = model.to(dev).eval()
+            return model, method or "none"
 
         def big_batch(model):
             msgs = [[{"role": "user", "content": "<image>\n" + questions[0]["question"]}]]
@@ -288,6 +320,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "CPU only"
+
+
 def write_results(path: Path, rows: list[dict], args, torch_version: str, tf_version: str) -> None:
     cpu = platform.processor() or platform.machine()
     try:
@@ -302,7 +342,9 @@ def write_results(path: Path, rows: list[dict], args, torch_version: str, tf_ver
         "",
         f"Run {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC with `python benchmarks/token_reduction.py`.",
         "",
-        f"Machine: {cpu}, {os.cpu_count()} CPUs, CPU only, torch threads {args.threads}, torch {torch_version}, "
+        f"Machine: {cpu}, {os.cpu_count()} CPUs, {_device_name(args.device)}, {args.dtype}, "
+        f"torch threads {args.threads}, "
+        f"torch {torch_version}, "
         f"transformers {tf_version}, Python {platform.python_version()}; "
         f"load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
         "",
