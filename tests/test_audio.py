@@ -153,6 +153,16 @@ def test_an_audio_qformer_has_8_queries_by_default_an_image_one_32_and_num_queri
     assert media_tokens_per_item(model, "<audio><image> hi", media) == {"audio": (5, 5), "image": (3, 3)}
 
 
+def test_an_audio_mlp_over_pooled_frames_gets_as_many_placeholders_as_it_gives_tokens():
+    torch.manual_seed(0)
+    model = build(parse_config(audio_raw({"type": "mlp", "pool": 4})), texts=["hi"]).eval()
+    frames = model.encoders["audio"].num_tokens
+    assert frames == 25  # not a multiple of 4: the last window holds one frame
+    assert model.processor.media["audio"].num_tokens == 7
+    got = media_tokens_per_item(model, "<audio> hi", {"audio": [tone(440)]})
+    assert got == {"audio": (7, 7)}
+
+
 def test_mmlm_ask_audio_answers_as_model_ask(tmp_path):
     from typer.testing import CliRunner
 

@@ -45,6 +45,37 @@ def _seed():
     torch.manual_seed(0)
 
 
+# --------------------------------------------------------------------------------------- MLP
+@pytest.mark.parametrize("n", [24, 25, 3])  # a multiple of pool, one frame over, fewer frames than pool
+def test_mlp_pool_is_the_mlp_of_window_means_and_a_short_last_window_averages_its_own_frames(n):
+    pooled = make("mlp", pool=4).eval()
+    plain = make("mlp").eval()
+    plain.load_state_dict(pooled.state_dict())  # the same MLP: pooling adds no weights
+    x = torch.randn(2, n, 32)
+    starts = range(0, n, 4)
+    means = torch.stack([x[:, s : s + 4].mean(dim=1) for s in starts], dim=1)  # by hand, window by window
+    with torch.no_grad():
+        got = pooled(x)
+        want = plain(means)
+    assert pooled.num_output_tokens(n) == len(starts) == math.ceil(n / 4)
+    assert got.shape == (2, math.ceil(n / 4), 48)
+    torch.testing.assert_close(got, want)
+    if n % 4:  # the last window holds n % 4 frames and is their mean, not diluted by padding
+        torch.testing.assert_close(got[:, -1], plain(x[:, n - n % 4 :].mean(dim=1)).detach())
+    assert make("mlp", pool=1).num_output_tokens(n) == n
+
+
+@pytest.mark.parametrize("pool", [0, -2])
+def test_an_mlp_pool_below_one_is_refused_naming_its_key_path(pool):
+    raw = tiny_config({"type": "mlp"})
+    raw["model"]["connectors"]["audio"] = {"type": "mlp", "pool": pool}
+    raw["model"]["encoders"]["audio"] = {"type": "whisper", "config": {"d_model": 32, "max_source_positions": 25}}
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert err.value.path == "model.connectors.audio.pool"
+    assert "model.connectors.audio.pool" in str(err.value)
+
+
 # --------------------------------------------------------------------------------------- Q-Former
 def test_qformer_length_is_num_queries_whatever_n():
     q = make("qformer", num_queries=6, hidden=32, heads=4, num_layers=2).eval()

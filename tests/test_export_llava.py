@@ -338,6 +338,10 @@ REFUSALS = {
         lambda r: r["model"]["connectors"]["image"].update(layernorm=True),
         r"model\.connectors\.image\.layernorm",
     ),
+    "pool": (
+        lambda r: r["model"]["connectors"]["image"].update(pool=2),
+        r"model\.connectors\.image\.pool: 2",
+    ),
     "hidden_dim": (
         lambda r: r["model"]["connectors"]["image"].update(hidden_dim=48),
         r"model\.connectors\.image\.hidden_dim: 48",

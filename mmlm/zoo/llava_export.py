@@ -161,6 +161,8 @@ def llava_plan(model) -> LlavaPlan:
     opts = ccomp.parsed(_connectors(), where)
     if opts.layernorm:
         raise _refuse(f"{where}.layernorm", "a LayerNorm before the projector; Llava's projector has none")
+    if opts.pool != 1:
+        raise _refuse(f"{where}.pool", f"{opts.pool}: tokens pooled before the projector; Llava's projector reads each")
     if opts.depth != 2:
         raise _refuse(
             f"{where}.depth", f"{opts.depth} Linear layers; Llava's projector is exactly two (Linear -> act -> Linear)"
