@@ -227,6 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--skip-big", action="store_true", help="only the shapes-144 model")
+    ap.add_argument("--skip-shapes", action="store_true", help="only the 0.5B-shaped model")
     ap.add_argument("--big-repeats", type=int, default=3, help="timed runs per figure on the 0.5B-shaped model")
     ap.add_argument("--results", default=None, help="write the tables here (markdown)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -274,15 +275,19 @@ def main(argv=None) -> int:
             return mmlm.load(tuned[(method, keep)], device=dev).eval(), method
         return load_shapes(method, keep)
 
-    rows = run_model(
-        "shapes-144",
-        load_any,
-        lambda m: shapes_batch(m, questions, data, args.batch),
-        media_count,
-        args.repeats,
-        args.decode_tokens,
-        acc=lambda m: accuracy(m, data, args.questions),
-        extra=extra,
+    rows = (
+        []
+        if args.skip_shapes
+        else run_model(
+            "shapes-144",
+            load_any,
+            lambda m: shapes_batch(m, questions, data, args.batch),
+            media_count,
+            args.repeats,
+            args.decode_tokens,
+            acc=lambda m: accuracy(m, data, args.questions),
+            extra=extra,
+        )
     )
 
     if not args.skip_big:
@@ -293,9 +298,7 @@ def main(argv=None) -> int:
         def load_big(method, keep):
             cfg = parse_config(json.loads(json.dumps(BIG)), reduction_sets(method, keep))
             torch.manual_seed(0)
-            with torch.device(dev):  # random weights initialised where they run (0.5B on a CPU takes seconds)
-                model = mmlm.build(cfg, texts=[q["question"] for q in questions[:200]])
-            model = model.to(dev).eval()
+            model = mmlm.build(cfg, texts=[q["question"] for q in questions[:200]]).to(dev).eval()
             return model, method or "none"
 
         def big_batch(model):
