@@ -24,6 +24,7 @@ from mmlm.config import PipelineConfig, parse_config, resolve_relative_paths
 from mmlm.errors import CheckpointError, ConfigError
 from mmlm.model import MultimodalLM, build
 from mmlm.storage import CHECKPOINT_FORMAT
+from mmlm.train.lora import attach_recorded, is_adapter
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,7 @@ def load_tensors(
             k
             for k in own
             if k not in tensors
-            and not k.startswith(model.pretrained_prefixes)
+            and (not k.startswith(model.pretrained_prefixes) or is_adapter(k))  # adapters come from no source
             and not (fresh and k.startswith(fresh))
             and storage[k] not in have
         ]
@@ -218,6 +219,7 @@ def _check_sources(model: MultimodalLM, directory: Path, meta: dict) -> None:
 
 def _load_weights(model: MultimodalLM, directory: Path, meta: dict, fresh: tuple[str, ...] = ()) -> MultimodalLM:
     _check_sources(model, directory, meta)
+    attach_recorded(model, meta.get("lora"), str(directory / "mmlm.yaml"))  # adapters before their tensors
     tensors = read_tensors(directory / "model.safetensors")
     for old, new in (meta.get("renames") or {}).items():
         tensors = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in tensors.items()}

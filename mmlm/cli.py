@@ -532,19 +532,39 @@ def _eval_retrieval(checkpoint, data, image_root, out, batch_size, dim, instruct
 def export_cmd(
     checkpoint: Path,
     out: Path = typer.Option(..., "--out", help="the folder to write"),
-    format: str = typer.Option("hf-llava", "--format", help="hf-llava: transformers' LlavaForConditionalGeneration"),
+    format: str = typer.Option(
+        "hf-llava",
+        "--format",
+        help="hf-llava: transformers' LlavaForConditionalGeneration; mmlm: an mmlm checkpoint (with --merge-lora)",
+    ),
     license: str = typer.Option("other", help="the model card's licence"),
     dtype: str | None = typer.Option(None, help="float32, bfloat16 or float16 (default: the LLM's)"),
     overwrite: bool = typer.Option(False, help="replace a non-empty --out"),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="fold LoRA adapters into the weights they adapt"),
 ):
     """Write a checkpoint in a format the rest of the ecosystem loads (transformers, vLLM, SGLang)."""
     _quiet()
-    if format != "hf-llava":
-        _fail(ValueError(f"--format {format!r}: the formats are hf-llava"))
+    if format not in ("hf-llava", "mmlm"):
+        _fail(ValueError(f"--format {format!r}: the formats are hf-llava and mmlm"))
+    if format == "mmlm":
+        from mmlm.checkpoint import load
+        from mmlm.train.lora import merge_lora as merge
+
+        if not merge_lora:
+            _fail(ValueError("--format mmlm rewrites a checkpoint with its LoRA adapters merged: add --merge-lora"))
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            _fail(FileExistsError(f"{out} exists and is not empty; choose a new output folder or --overwrite"))
+        model = load(checkpoint)
+        merged = merge(model)
+        if not merged:
+            _fail(ValueError(f"{checkpoint} carries no LoRA adapters: there is nothing to merge"))
+        model.save(out)
+        console.print(f"wrote {out}: the adapters on {', '.join(merged)} merged into their weights")
+        return
     from mmlm.zoo.llava_export import export_llava
 
     try:
-        path = export_llava(checkpoint, out, license=license, dtype=dtype, overwrite=overwrite)
+        path = export_llava(checkpoint, out, license=license, dtype=dtype, overwrite=overwrite, merge_lora=merge_lora)
     except (ValueError, FileExistsError) as err:
         _fail(err)
     console.print(f"wrote {path}: AutoModelForImageTextToText.from_pretrained({str(path)!r}) loads it")

@@ -21,6 +21,7 @@ from mmlm.errors import ConfigError
 from mmlm.images import DEFAULT_MAX_PIXELS
 from mmlm.modalities import MODALITIES
 from mmlm.registry import CONNECTORS, DATA_FORMATS, ENCODERS, LLM_SOURCES, OBJECTIVES, POOLINGS, REDUCERS
+from mmlm.train.lora import LoraOptions
 
 
 class Strict(BaseModel):
@@ -168,6 +169,9 @@ class StageConfig(Strict):
     min_lr_ratio: float = Field(0.0, ge=0, le=1)  # the schedule's floor, as a fraction of the peak
     precision: Precision = "no"  # mixed precision through accelerate (bf16/fp16 autocast) or fp32
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward to save memory
+    # LoRA adapters (peft) on the llm and/or encoders by modality: {llm: {r, alpha, dropout, target_modules}};
+    # in this stage the adapters train and the rest of each adapted part is frozen (mmlm/train/lora.py)
+    lora: dict[str, LoraOptions] = Field(default_factory=dict)
     max_grad_norm: float | None = 1.0  # gradient clipping; null turns it off
     save_every: int = Field(200, gt=0)  # steps between saved states for --resume
     eval_every: int | None = Field(None, gt=0)  # steps between evaluations on train.eval (and at the end)
@@ -342,6 +346,13 @@ def validate_components(cfg: PipelineConfig) -> None:
                 src.parsed(DATA_FORMATS, f"train.stages.{i}.data.{j}")
             for j, obj in enumerate(st.objectives):
                 obj.parsed(OBJECTIVES, f"train.stages.{i}.objectives.{j}")
+            for part in st.lora:
+                if part != "llm" and part not in cfg.model.encoders:
+                    raise ConfigError(
+                        f"no part {part!r} to adapt; the parts are llm and the encoders "
+                        f"({', '.join(cfg.model.encoders) or 'none'})",
+                        f"train.stages.{i}.lora.{part}",
+                    )
             check_data_kinds(st, f"train.stages.{i}")
         if cfg.train.eval is not None:
             for j, src in enumerate(cfg.train.eval.data):

@@ -82,6 +82,8 @@ class MultimodalLM(nn.Module):
         self.tokenizer = tokenizer
         # parameter-name prefixes whose weights come from a pretrained source the checkpoint references
         self.pretrained_prefixes = tuple(pretrained_prefixes)
+        # part (llm, or an encoder's modality) -> the LoRA settings of the adapters it carries (mmlm/train/lora.py)
+        self.lora: dict[str, dict] = {}
         # modality -> its token reducer (mmlm/reduce/): merging before the LLM, pruning inside it
         self.reducers = reducers if reducers is not None else nn.ModuleDict()
         # digests of those weights as the source gave them: a checkpoint stores the ones that differ
@@ -373,13 +375,17 @@ class MultimodalLM(nn.Module):
     def tensors_to_save(self, full: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor (``full``), or those a checkpoint must hold: the ones that do not come from a
         pretrained source, and those from a source that differ from what it gave."""
+        from mmlm.train.lora import canonical
+
         state = self.state_dict()
         if full:
             return state
+        # a layer LoRA wraps keeps its weight under ``.base_layer.``: the source's digest is found by
+        # the original name, so an unchanged base weight stays out of the file
         return {
             k: v
             for k, v in state.items()
-            if not k.startswith(self.pretrained_prefixes) or tensor_digest(v) != self.source_digests.get(k)
+            if not k.startswith(self.pretrained_prefixes) or tensor_digest(v) != self.source_digests.get(canonical(k))
         }
 
     def save(self, directory, full: bool = False, metrics: dict | None = None) -> Path:
@@ -406,6 +412,8 @@ class MultimodalLM(nn.Module):
                     # what each pretrained source gave when this model was built: a later load from a
                     # source that changed (a hub branch moved, a folder rewritten) is refused
                     "sources": self.source_fingerprints(),
+                    # LoRA adapters the model carries, injected again before loading (mmlm/train/lora.py)
+                    **({"lora": self.lora} if self.lora else {}),
                 },
                 **self.config.to_dict(),
             }

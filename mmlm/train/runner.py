@@ -31,6 +31,7 @@ from mmlm.objectives import Objective, StepInfo, build_objectives
 from mmlm.registry import OBJECTIVES
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
+from mmlm.train.lora import attach, restrict_to_adapters
 from mmlm.train.progress import LossWindow, is_log_step
 from mmlm.train.run_folder import RunFolder, is_checkpoint
 from mmlm.train.schedule import lr_factor
@@ -227,7 +228,11 @@ class Trainer:
         if st.eval_every:
             eval_data = self._dataset(model, self.cfg.train.eval.data, "train.eval.data", "skip", "eval")
         objectives = build_objectives(st, model, where)
+        for part, opts in st.lora.items():  # adapters first: trainable patterns may name them
+            attach(model, part, opts, f"{where}.lora.{part}")
         names = apply_trainable(model, st.trainable, st.frozen, where=f"{where}.trainable")
+        if model.lora:
+            names = restrict_to_adapters(model, st.lora)
         model.train()
         if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable"):
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -608,12 +608,14 @@ def export_llava(
     license: str = "other",
     dtype: str | None = None,
     overwrite: bool = False,
+    merge_lora: bool = False,
 ) -> Path:
     """Write ``source`` (a checkpoint directory, loaded with ``mmlm.checkpoint.load``, or a
     ``MultimodalLM``) into ``out_dir`` as a transformers Llava folder (see the module docstring);
     returns ``out_dir``. ``dtype`` (float32, bfloat16, float16): the weights' dtype, default the LLM's.
     A model that is not a Llava is refused with a ValueError naming the part; an existing non-empty
-    ``out_dir`` is refused unless ``overwrite``."""
+    ``out_dir`` is refused unless ``overwrite``. A model with LoRA adapters is exported with them
+    folded into its weights (``merge_lora``; refused without it: Llava has no adapters)."""
     from mmlm.storage import atomic_dir
 
     out = Path(out_dir)
@@ -622,6 +624,15 @@ def export_llava(
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     model = _as_model(source)
+    if model.lora:
+        if not merge_lora:
+            raise ValueError(
+                f"the model carries LoRA adapters on {', '.join(model.lora)}, which a Llava folder cannot hold; "
+                "export with --merge-lora to fold them into the weights"
+            )
+        from mmlm.train.lora import merge_lora as merge
+
+        merge(model)
     plan = llava_plan(model)
     processor, image_id = llava_processor(model, plan)
     hf, _ = build_llava(model, image_id, dtype, plan)
