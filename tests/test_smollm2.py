@@ -170,3 +170,78 @@ def test_alignment_teaches_the_connector_to_show_the_image(pipeline, tmp_path):
     saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
     assert saved and not any(k.startswith("llm.") for k in saved)
     assert any(k.startswith("connectors.image.") for k in saved)
+
+
+def test_a_lora_stage_on_smollm2_lowers_the_held_out_loss_and_stores_only_adapters(smollm2, smollm2_path, tmp_path):
+    """LoRA on SmolLM2's attention (r 8) plus the connector, 10 steps of colour questions: the held-out
+    loss falls, SmolLM2's own weights stay as the GGUF gave them, and the checkpoint holds the
+    adapters and the vision side only; it reloads with the same logits."""
+    import copy
+
+    import mmlm
+    from mmlm.llm import LoadedLLM
+
+    data = tmp_path / "colours"
+    raw = {
+        "name": "smol-lora",
+        "model": {
+            "encoders": {
+                "image": {
+                    "type": "timm",
+                    "model_name": "vit_tiny_patch16_224",
+                    "img_size": 32,
+                    "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2},
+                }
+            },
+            "connectors": {"image": {"type": "mlp", "depth": 2}},
+            "llm": {"type": "gguf", "path": str(smollm2_path), "attn_implementation": "sdpa"},
+        },
+        "processor": {"max_length": 128, "system_prompt": "You describe images."},
+        "train": {
+            "seed": 0,
+            "stages": [
+                {
+                    "name": "instruct",
+                    "data": [{"format": "llava", "path": one_object_world(data / "train", 48, seed=1)}],
+                    "trainable": ["connectors.*"],
+                    "lora": {"llm": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+                    "lr": 5e-3,
+                    "steps": 10,
+                    "batch_size": 2,
+                    "warmup_steps": 2,
+                    "save_every": 100,
+                }
+            ],
+        },
+    }
+    cfg = parse_config(raw)
+    # the session's SmolLM2 is shared with other tests: adapters go into a copy of it
+    llm = LoadedLLM(**{**vars(smollm2), "model": copy.deepcopy(smollm2.model)})
+    torch.manual_seed(0)
+    model = build(cfg, llm=llm)
+    held = StageDataset(
+        read_llava(LlavaOptions(path=one_object_world(tmp_path / "held", 12, seed=2))), model.processor, "error"
+    )
+    batch = model.processor.collate([held.load(i) for i in range(len(held))])
+
+    def loss(m):
+        m.eval()
+        with torch.no_grad():
+            return float(m(**m.inputs(batch), labels=batch["labels"]).loss)
+
+    q_before = model.llm.model.layers[3].self_attn.q_proj.weight.clone()
+    before = loss(model)
+    trained = train(cfg, tmp_path / "run", model=model)
+    after = loss(trained)
+    print(f"SmolLM2 + LoRA, held-out loss {before:.3f} -> {after:.3f}")
+    assert after < before - 1.0, (before, after)
+    q = trained.llm.model.layers[3].self_attn.q_proj
+    assert torch.equal(q.base_layer.weight, q_before)  # the GGUF's weights did not move
+    assert q.lora_B["default"].weight.abs().sum() > 0  # the adapter did
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    llm_saved = [k for k in saved if k.startswith("llm.")]
+    assert llm_saved and all(".lora_" in k for k in llm_saved)
+    again = mmlm.load(tmp_path / "run" / "final")
+    assert loss(again) == pytest.approx(after, abs=1e-5)
