@@ -246,6 +246,9 @@ def train_cmd(
     stage: str | None = typer.Option(None, help="run only this stage"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in --out from its last saved step"),
     set_: list[str] | None = SetOpt,
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="build the model and read the data, report parameters, lengths and memory; no training"
+    ),
 ):
     """Train the stages a pipeline YAML declares; each stage ends in a checkpoint."""
     _quiet()
@@ -264,6 +267,12 @@ def train_cmd(
         # without --out the run folder is runs/NAME, which is also what ${out} resolves to
         cfg = load_config(config, set_ or [], variables={"out": str(out)} if out else None)
         out = out or Path("runs") / cfg.name
+        if dry_run:
+            from mmlm.train.dry_run import dry_run as run_dry
+            from mmlm.train.dry_run import format_report
+
+            console.print(format_report(run_dry(cfg)), soft_wrap=True, markup=False, highlight=False)
+            return
         train(cfg, out, stage=stage, resume=resume, reporter=ConsoleReporter())
     except (ConfigError, RunExists, SampleError, FileNotFoundError) as err:
         _fail(err)

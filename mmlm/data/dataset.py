@@ -40,9 +40,12 @@ class StageDataset:
         self.failed: dict[int, str] = {}  # samples that failed when loaded (corrupt image ...): index -> reason
         self.records: list[Record] = []
         self.paths: list[list] = []
+        self.lengths: list[int | None] = []  # each kept sample's tokens, media included (None: pairs)
         for i, rec in enumerate(records):
             try:
-                self.paths.append(self._check(rec, i))
+                paths, n = self._check(rec, i)
+                self.paths.append(paths)
+                self.lengths.append(n)
                 self.records.append(rec)
             except SampleError as err:
                 self._bad(err, i, rec)
@@ -63,13 +66,13 @@ class StageDataset:
             return f"{rec.source}: sample {rec.row} (id {rec.id})"
         return f"{rec.source or self.name}: sample {i} (id {rec.id})"
 
-    def _check(self, rec: Record, i: int) -> list:
+    def _check(self, rec: Record, i: int) -> tuple[list, int | None]:
         if "error" in rec.info:
             raise rec.info["error"]
         if isinstance(rec, PairRecord):
             if self.embedding is None:
                 raise ValueError(f"{self.name}: pairs records need the model's embedding config (embedding=)")
-            return check_pair(rec, self.processor, self.embedding)
+            return check_pair(rec, self.processor, self.embedding), None
         paths = []
         for img in rec.images:
             if isinstance(img, str):
@@ -115,7 +118,7 @@ class StageDataset:
                 "rejected, not truncated",
                 "too long",
             )
-        return paths
+        return paths, n
 
     def __len__(self) -> int:
         return len(self.records)

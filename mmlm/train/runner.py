@@ -228,11 +228,7 @@ class Trainer:
         if st.eval_every:
             eval_data = self._dataset(model, self.cfg.train.eval.data, "train.eval.data", "skip", "eval")
         objectives = build_objectives(st, model, where)
-        for part, opts in st.lora.items():  # adapters first: trainable patterns may name them
-            attach(model, part, opts, f"{where}.lora.{part}")
-        names = apply_trainable(model, st.trainable, st.frozen, where=f"{where}.trainable")
-        if model.lora:
-            names = restrict_to_adapters(model, st.lora)
+        names = select_trainable(model, st, where)
         model.train()
         if st.gradient_checkpointing and hasattr(model.llm, "gradient_checkpointing_enable"):
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -401,6 +397,18 @@ def evaluate_quick(model, data: StageDataset, ev) -> dict:
     return evaluate(
         model, data, max_questions=ev.max_questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens
     )
+
+
+def select_trainable(model, st: StageConfig, where: str) -> list[str]:
+    """Set ``requires_grad`` for stage ``st``: its LoRA adapters injected (mmlm/train/lora.py), then its
+    ``trainable``/``frozen`` patterns, then the adapted parts restricted to their adapters. Returns
+    the names that train."""
+    for part, opts in st.lora.items():  # adapters first: trainable patterns may name them
+        attach(model, part, opts, f"{where}.lora.{part}")
+    names = apply_trainable(model, st.trainable, st.frozen, where=f"{where}.trainable")
+    if model.lora:
+        names = restrict_to_adapters(model, st.lora)
+    return names
 
 
 def train(
