@@ -68,6 +68,8 @@ class Processor:
         self.config = config or ProcessorConfig()
         self.use_template = self.config.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        fast = getattr(tokenizer, "is_fast", False) and not getattr(tokenizer, "split_special_tokens", False)
+        self._backend = getattr(tokenizer, "backend_tokenizer", None) if fast else None
         # placeholder text -> modality, and a splitter that keeps the placeholders as pieces
         self._markers = {spec.placeholder: name for name, spec in media.items()}
         self._splitter = (
@@ -78,6 +80,8 @@ class Processor:
     def _tok(self, text: str) -> list[int]:
         if not text:
             return []
+        if self._backend is not None:  # the Rust tokenizer itself: the same ids, without the wrapper's
+            return self._backend.encode(text, add_special_tokens=False).ids  # ~60 us of Python per call
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def _segments(self, messages: Sequence[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:

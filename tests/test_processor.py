@@ -192,3 +192,10 @@ def test_an_unknown_resize_mode_is_a_config_error_naming_the_key():
     with pytest.raises(ConfigError) as err:
         parse_config(raw)
     assert "processor.resize" in str(err.value) and "'stretch'" in str(err.value)
+
+
+def test_the_fast_token_path_gives_the_word_tokenizers_own_ids(tok):
+    proc = Processor(tok, {}, ProcessorConfig())
+    assert proc._backend is not None
+    for t in [*TEXTS, "an unknown zebra word", "  spaced   out  ", "<|user|> hi"]:
+        assert proc._tok(t) == tok(t, add_special_tokens=False)["input_ids"], t

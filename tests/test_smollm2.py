@@ -245,3 +245,23 @@ def test_a_lora_stage_on_smollm2_lowers_the_held_out_loss_and_stores_only_adapte
     assert llm_saved and all(".lora_" in k for k in llm_saved)
     again = mmlm.load(tmp_path / "run" / "final")
     assert loss(again) == pytest.approx(after, abs=1e-5)
+
+
+def test_the_processors_fast_token_path_gives_the_tokenizers_own_ids(smollm2):
+    """Processor._tok calls the Rust tokenizer directly (start-up of a 665k-row data set counts every
+    row's tokens); its ids must be what the transformers tokenizer gives, special tokens included."""
+    from mmlm.config import ProcessorConfig
+    from mmlm.processor import Processor
+
+    proc = Processor(smollm2.tokenizer, {}, ProcessorConfig())
+    assert proc._backend is not None
+    texts = [
+        "what color is the circle?",
+        "<|im_start|>user\nhello<|im_end|>\n",
+        "  leading spaces, trailing  ",
+        "naïve café – 東京 🚀",
+        "\n\n",
+        "x" * 300,
+    ]
+    for t in texts:
+        assert proc._tok(t) == smollm2.tokenizer(t, add_special_tokens=False)["input_ids"], t
