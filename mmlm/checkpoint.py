@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from mmlm.config import PipelineConfig, parse_config, resolve_relative_paths
 from mmlm.errors import CheckpointError, ConfigError
 from mmlm.model import MultimodalLM, build
-from mmlm.storage import CHECKPOINT_FORMAT
-from mmlm.train.lora import attach_recorded, is_adapter
+from mmlm.storage import CHECKPOINT_FORMAT, refuse_nonempty
+from mmlm.train.lora import attach_recorded, is_adapter, merge_lora
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,19 @@ def _tokenizer_dir(directory: Path) -> Path:
             "it was trained with, so this one is incomplete"
         )
     return directory
+
+
+def export_merged(source, out, overwrite: bool = False) -> list[str]:
+    """Write checkpoint ``source`` to ``out`` with its LoRA adapters folded into the weights they
+    adapt (``mmlm export --format mmlm --merge-lora``); returns the parts merged. A checkpoint
+    without adapters is refused, as is a non-empty ``out`` unless ``overwrite``."""
+    refuse_nonempty(Path(out), overwrite)
+    model = load(source)
+    merged = merge_lora(model)
+    if not merged:
+        raise ValueError(f"{source} carries no LoRA adapters: there is nothing to merge")
+    model.save(out)
+    return merged
 
 
 def load_as(directory, config: PipelineConfig, where: str = "train.init_from") -> MultimodalLM:

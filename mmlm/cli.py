@@ -556,18 +556,14 @@ def export_cmd(
     if format not in ("hf-llava", "mmlm"):
         _fail(ValueError(f"--format {format!r}: the formats are hf-llava and mmlm"))
     if format == "mmlm":
-        from mmlm.checkpoint import load
-        from mmlm.train.lora import merge_lora as merge
+        from mmlm.checkpoint import export_merged
 
         if not merge_lora:
             _fail(ValueError("--format mmlm rewrites a checkpoint with its LoRA adapters merged: add --merge-lora"))
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            _fail(FileExistsError(f"{out} exists and is not empty; choose a new output folder or --overwrite"))
-        model = load(checkpoint)
-        merged = merge(model)
-        if not merged:
-            _fail(ValueError(f"{checkpoint} carries no LoRA adapters: there is nothing to merge"))
-        model.save(out)
+        try:
+            merged = export_merged(checkpoint, out, overwrite=overwrite)
+        except (ValueError, FileExistsError) as err:
+            _fail(err)
         console.print(f"wrote {out}: the adapters on {', '.join(merged)} merged into their weights")
         return
     from mmlm.zoo.llava_export import export_llava

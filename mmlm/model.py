@@ -32,6 +32,7 @@ from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOL
 from mmlm.processor import IGNORE_INDEX, MediaSpec, Processor
 from mmlm.registry import ENCODERS
 from mmlm.storage import CHECKPOINT_FORMAT, atomic_dir, save_tensors, tensor_digest
+from mmlm.train.lora import canonical
 
 log = logging.getLogger(__name__)
 
@@ -375,8 +376,6 @@ class MultimodalLM(nn.Module):
     def tensors_to_save(self, full: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor (``full``), or those a checkpoint must hold: the ones that do not come from a
         pretrained source, and those from a source that differ from what it gave."""
-        from mmlm.train.lora import canonical
-
         state = self.state_dict()
         if full:
             return state

@@ -41,6 +41,13 @@ def dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def refuse_nonempty(out: Path, overwrite: bool) -> None:
+    """An export target must be new or empty unless ``overwrite``: a FileExistsError names it."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder or overwrite it")
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     save_file(dedup(tensors), str(path), metadata=metadata)
 

@@ -616,11 +616,10 @@ def export_llava(
     A model that is not a Llava is refused with a ValueError naming the part; an existing non-empty
     ``out_dir`` is refused unless ``overwrite``. A model with LoRA adapters is exported with them
     folded into its weights (``merge_lora``; refused without it: Llava has no adapters)."""
-    from mmlm.storage import atomic_dir
+    from mmlm.storage import atomic_dir, refuse_nonempty
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new output folder or overwrite it")
+    refuse_nonempty(out, overwrite)
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(_DTYPES)}")
     model = _as_model(source)
