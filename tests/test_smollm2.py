@@ -50,11 +50,10 @@ def one_object_world(out, n: int, seed: int) -> str:
     return str(out / "qa.json")
 
 
-@pytest.fixture(scope="module")
-def pipeline(smollm2_path, smollm2, tmp_path_factory):
-    data = tmp_path_factory.mktemp("colours")
-    raw = {
-        "name": "smol-vlm",
+def smol_raw(name: str, smollm2_path, stage: dict) -> dict:
+    """A tiny ViT and an MLP connector on SmolLM2 from its GGUF, trained by one ``stage``."""
+    return {
+        "name": name,
         "model": {
             "encoders": {
                 "image": {
@@ -68,22 +67,24 @@ def pipeline(smollm2_path, smollm2, tmp_path_factory):
             "llm": {"type": "gguf", "path": str(smollm2_path), "attn_implementation": "sdpa"},
         },
         "processor": {"max_length": 128, "system_prompt": "You describe images."},
-        "train": {
-            "seed": 0,
-            "stages": [
-                {
-                    "name": "align",
-                    "data": [{"format": "llava", "path": one_object_world(data / "train", 64, seed=1)}],
-                    "trainable": ["connectors.*"],
-                    "lr": 1e-2,
-                    "steps": 30,
-                    "batch_size": 2,
-                    "warmup_steps": 2,
-                    "save_every": 100,
-                }
-            ],
-        },
+        "train": {"seed": 0, "stages": [stage]},
     }
+
+
+@pytest.fixture(scope="module")
+def pipeline(smollm2_path, smollm2, tmp_path_factory):
+    data = tmp_path_factory.mktemp("colours")
+    stage = {
+        "name": "align",
+        "data": [{"format": "llava", "path": one_object_world(data / "train", 64, seed=1)}],
+        "trainable": ["connectors.*"],
+        "lr": 1e-2,
+        "steps": 30,
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "save_every": 100,
+    }
+    raw = smol_raw("smol-vlm", smollm2_path, stage)
     cfg = parse_config(raw)
     torch.manual_seed(0)
     return cfg, build(cfg, llm=smollm2)
@@ -182,38 +183,18 @@ def test_a_lora_stage_on_smollm2_lowers_the_held_out_loss_and_stores_only_adapte
     from mmlm.llm import LoadedLLM
 
     data = tmp_path / "colours"
-    raw = {
-        "name": "smol-lora",
-        "model": {
-            "encoders": {
-                "image": {
-                    "type": "timm",
-                    "model_name": "vit_tiny_patch16_224",
-                    "img_size": 32,
-                    "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2},
-                }
-            },
-            "connectors": {"image": {"type": "mlp", "depth": 2}},
-            "llm": {"type": "gguf", "path": str(smollm2_path), "attn_implementation": "sdpa"},
-        },
-        "processor": {"max_length": 128, "system_prompt": "You describe images."},
-        "train": {
-            "seed": 0,
-            "stages": [
-                {
-                    "name": "instruct",
-                    "data": [{"format": "llava", "path": one_object_world(data / "train", 48, seed=1)}],
-                    "trainable": ["connectors.*"],
-                    "lora": {"llm": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
-                    "lr": 5e-3,
-                    "steps": 10,
-                    "batch_size": 2,
-                    "warmup_steps": 2,
-                    "save_every": 100,
-                }
-            ],
-        },
+    stage = {
+        "name": "instruct",
+        "data": [{"format": "llava", "path": one_object_world(data / "train", 48, seed=1)}],
+        "trainable": ["connectors.*"],
+        "lora": {"llm": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}},
+        "lr": 5e-3,
+        "steps": 10,
+        "batch_size": 2,
+        "warmup_steps": 2,
+        "save_every": 100,
     }
+    raw = smol_raw("smol-lora", smollm2_path, stage)
     cfg = parse_config(raw)
     # the session's SmolLM2 is shared with other tests: adapters go into a copy of it
     llm = LoadedLLM(**{**vars(smollm2), "model": copy.deepcopy(smollm2.model)})
