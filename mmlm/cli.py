@@ -249,8 +249,16 @@ def train_cmd(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="build the model and read the data, report parameters, lengths and memory; no training"
     ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="train on N processes on this machine (starts `accelerate launch` with DDP)"
+    ),
 ):
-    """Train the stages a pipeline YAML declares; each stage ends in a checkpoint."""
+    """Train the stages a pipeline YAML declares; each stage ends in a checkpoint. Several processes:
+    --processes N, or run this command under `accelerate launch` / `torchrun`."""
+    if processes > 1 and not dry_run:
+        from mmlm.train.launch import launch
+
+        raise typer.Exit(launch(processes, config, out, stage, resume, set_ or []))
     _quiet()
     import signal
 
@@ -281,7 +289,8 @@ def train_cmd(
 
         err_console.print(f"[yellow]interrupted:[/] {escape(str(err) or 'before training started')}", soft_wrap=True)
         raise typer.Exit(130) from None
-    console.print(f"checkpoint: {out / 'final'}")
+    if os.environ.get("RANK", "0") == "0":  # the main process (or the only one)
+        console.print(f"checkpoint: {out / 'final'}")
 
 
 @app.command("ask")

@@ -57,11 +57,19 @@ def evaluate(
     batch_size: int = 64,
     max_new_tokens: int = 8,
     return_predictions: bool = False,
+    share: tuple[int, int] | None = None,
+    gather=None,
 ) -> dict[str, Any]:
     """Greedy answers to every question of ``data``; accuracy overall and by question type. A record
-    whose images cannot be read is left out and counted by reason under ``skipped`` (once per record)."""
+    whose images cannot be read is left out and counted by reason under ``skipped`` (once per record).
+
+    Several processes: ``share`` = (this process, processes) answers the questions of every
+    processes-th record, and ``gather`` (an object -> list over processes) combines the counts, so
+    every process returns the whole evaluation's figures."""
     proc = model.processor
     qs = questions_from(data.records)[:max_questions]
+    if share is not None:
+        qs = [q for q in qs if q.record % share[1] == share[0]]
     correct: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     preds = []
     skipped: Counter = Counter()
@@ -106,6 +114,17 @@ def evaluate(
                         "correct": bool(ok),
                     }
                 )
+    if gather is not None:
+        everyone = gather((dict(correct), dict(skipped), preds))
+        merged: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        skipped, all_preds = Counter(), []
+        for got_correct, got_skipped, got_preds in everyone:
+            for key, (c, n) in got_correct.items():
+                merged[key][0] += c
+                merged[key][1] += n
+            skipped.update(got_skipped)
+            all_preds.extend(got_preds)
+        correct, preds = merged, all_preds
     total = correct.pop("__all__", [0, 0])
     result = {
         "vqa_accuracy": total[0] / total[1] if total[1] else 0.0,

@@ -17,7 +17,10 @@ per stage with ``(options, model, where)`` and calls it on every micro-batch:
   modality under its batch key (``pixel_values`` for images), and ``media_meta`` (per-item
   annotations from the data, such as per-patch word labels).
 - ``step`` says where the micro-batch is (stage, position) and derives seeds from it, so any
-  randomness an objective draws is the same when a run resumes.
+  randomness an objective draws is the same when a run resumes. On several processes the batch is
+  this process's share of the global micro-batch; an objective that averages over items whose
+  number varies between shares (supervised tokens, visual tokens) returns
+  ``step.global_mean(sum, count)`` so that the processes together compute the global batch's mean.
 
 It returns unweighted losses by name (an empty dict when the batch gives it nothing to do); the
 trainer multiplies them by ``weight`` and sums. What it needs of the model (the LLM's input
@@ -67,11 +70,26 @@ class ObjectiveOptions(BaseModel):
         return []
 
 
+def _local_mean(total: torch.Tensor, count) -> torch.Tensor:
+    return total / count
+
+
+def _only(obj: Any) -> list[Any]:
+    return [obj]
+
+
 @dataclass(frozen=True)
 class StepInfo:
     stage: str
     position: int  # the micro-batch's index in its stage
     seed: Callable[[str], int]  # seed for a purpose at this position: seed("sea-labels")
+    # several processes (mmlm/train/processes.py): how many; the mean of a loss over the global
+    # micro-batch from this process's sum and item count; an object from every process, in process
+    # order. Both are collectives: every process calls them on every micro-batch, the same number of
+    # times (with a zero sum and count 0, or an empty object, when its share has nothing).
+    processes: int = 1
+    global_mean: Callable[[torch.Tensor, Any], torch.Tensor] = _local_mean
+    gather: Callable[[Any], list[Any]] = _only
 
 
 class Objective(abc.ABC):

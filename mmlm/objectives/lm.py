@@ -1,5 +1,6 @@
 """``lm``: next-token cross-entropy on the supervised tokens (labels other than -100), averaged over
-them: the loss of transformers' causal LMs."""
+them: the loss of transformers' causal LMs. On several processes, averaged over the supervised tokens
+of the global micro-batch (``StepInfo.global_mean``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy over the supervised tokens, and their number."""
+    target = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    total = F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (target != IGNORE_INDEX).sum()
+
+
 class LMOptions(ObjectiveOptions):
     pass
 
@@ -27,4 +36,7 @@ class LMOptions(ObjectiveOptions):
 class LMObjective(Objective):
     def __call__(self, output, batch, step) -> dict[str, torch.Tensor]:
         # pruning inside the LLM leaves logits for its kept positions only, with the labels gathered to them
-        return {"lm": causal_lm_loss(output.logits, output.labels_for(batch["labels"]))}
+        labels = output.labels_for(batch["labels"])
+        if step.processes == 1:
+            return {"lm": causal_lm_loss(output.logits, labels)}
+        return {"lm": step.global_mean(*causal_lm_loss_sum(output.logits, labels))}

@@ -96,10 +96,20 @@ class SEAOptions(ObjectiveOptions):
         return list(self.word_list or [])
 
 
-def sea_loss(tokens: torch.Tensor, labels: list[list[str]], embed_label, temperature: float, target_grad: bool = False):
-    """InfoNCE between token outputs ``[n, M, D]`` and the embeddings of their labels."""
+def sea_loss(
+    tokens: torch.Tensor,
+    labels: list[list[str]],
+    embed_label,
+    temperature: float,
+    target_grad: bool = False,
+    reduction: str = "mean",
+    classes=(),
+):
+    """InfoNCE between token outputs ``[n, M, D]`` and the embeddings of their labels, against the
+    distinct labels of the batch and ``classes`` (on several processes: every process's labels, so the
+    candidates are the global batch's). ``reduction``: mean or sum over the tokens."""
     flat = [lab for per_item in labels for lab in per_item]
-    uniq = sorted(set(flat))
+    uniq = sorted(set(flat).union(classes))
     index = {lab: i for i, lab in enumerate(uniq)}
     targets = torch.stack([embed_label(lab) for lab in uniq]).to(tokens.dtype)
     if not target_grad:
@@ -108,7 +118,7 @@ def sea_loss(tokens: torch.Tensor, labels: list[list[str]], embed_label, tempera
     e = F.normalize(targets.float(), dim=-1)
     logits = t @ e.T / temperature
     y = torch.tensor([index[lab] for lab in flat], device=tokens.device)
-    return F.cross_entropy(logits, y)
+    return F.cross_entropy(logits, y, reduction=reduction)
 
 
 _SCORE_CHUNK = 256  # patches per CLIP forward
@@ -269,13 +279,25 @@ class SEAObjective(Objective):
 
     def __call__(self, output, batch, step: StepInfo) -> dict[str, torch.Tensor]:
         tokens = output.media_tokens.get(self.opts.modality)
-        if tokens is None:  # no media of this modality in the micro-batch
+        per_item = []
+        if tokens is not None:
+            n, M = tokens.shape[:2]
+            if self.opts.labels == "open_clip":
+                pixels = batch[self.batch_key].to(tokens.device)
+                per_item = self.clip_labels(pixels, M, self.opts.seed + step.seed("sea-labels"))
+            else:
+                per_item = self.data_labels(batch, n, M)
+        if step.processes == 1:
+            if tokens is None:  # no media of this modality in the micro-batch
+                return {}
+            return {"sea": sea_loss(tokens, per_item, self.embed_label, self.opts.temperature, self.opts.target_grad)}
+        # several processes: the candidates are every process's labels, the mean is over every token
+        # (collectives: called even by a process whose share has no media)
+        classes = {lab for got in step.gather(sorted({lab for item in per_item for lab in item})) for lab in got}
+        if tokens is None:
+            step.global_mean(torch.zeros(()), 0)
             return {}
-        n, M = tokens.shape[:2]
-        if self.opts.labels == "open_clip":
-            pixels = batch[self.batch_key].to(tokens.device)
-            per_item = self.clip_labels(pixels, M, self.opts.seed + step.seed("sea-labels"))
-        else:
-            per_item = self.data_labels(batch, n, M)
-        loss = sea_loss(tokens, per_item, self.embed_label, self.opts.temperature, self.opts.target_grad)
-        return {"sea": loss}
+        loss = sea_loss(
+            tokens, per_item, self.embed_label, self.opts.temperature, self.opts.target_grad, "sum", classes
+        )
+        return {"sea": step.global_mean(loss, sum(map(len, per_item)))}

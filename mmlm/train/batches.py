@@ -1,7 +1,8 @@
 """A stage's micro-batches as a pure function of their position: the sample order is a seeded
 permutation per epoch, and a sample that fails to load is replaced by a later one deterministically
 (``on_bad_sample: skip``) or stops the run naming it (``error``). A resumed run, or one whose batches
-are prepared by DataLoader workers, sees exactly the batches of an uninterrupted run."""
+are prepared by DataLoader workers, sees exactly the batches of an uninterrupted run. On several
+processes each builds only its share of every micro-batch (``mmlm/train/processes.py``)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,20 @@ _RETRY_STRIDE = 7919  # a bad sample at position p is replaced by the one at p +
 
 class StageBatches:
     def __init__(
-        self, data: StageDataset, batch_size: int, run_seed: int, stage: str, stage_index: int, where: str, policy: str
+        self,
+        data: StageDataset,
+        batch_size: int,
+        run_seed: int,
+        stage: str,
+        stage_index: int,
+        where: str,
+        policy: str,
+        share: tuple[int, int] | None = None,
     ):
         self.data = data
         self.batch_size = batch_size
+        # this process's part of each global micro-batch: (first position in it, count); all of it by default
+        self.first, self.count = share or (0, batch_size)
         self.run_seed = run_seed
         self.stage = stage
         self.stage_index = stage_index
@@ -49,11 +60,11 @@ class StageBatches:
         raise DataError(f"{self.where} ({self.stage}): every sample failed to load")
 
     def __call__(self, micro_index: int) -> dict:
-        """The micro-batch at ``micro_index``, with ``_position`` and the samples skipped on the way
-        (``_skipped``: index and reason of each)."""
+        """This process's share of the micro-batch at ``micro_index``, with ``_position`` and the samples
+        skipped on the way (``_skipped``: index and reason of each)."""
         skipped: list[tuple[int, str]] = []
-        base = micro_index * self.batch_size
-        batch = self.data.collate([self.load_sample(base + j, skipped) for j in range(self.batch_size)])
+        base = micro_index * self.batch_size + self.first
+        batch = self.data.collate([self.load_sample(base + j, skipped) for j in range(self.count)])
         batch["_skipped"] = skipped
         batch["_position"] = micro_index
         return batch

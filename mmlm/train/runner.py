@@ -4,6 +4,10 @@
 A stage is: its batches by position (``batches.py``), the objectives it lists (``mmlm/objectives``),
 one optimizer step after another (``_optimizer_step``), evaluation every ``eval_every`` steps, and a
 checkpoint at the end (``_finish_stage``). Every seed comes from ``seeds.derive_seed``.
+
+Under ``accelerate launch`` or ``torchrun`` several processes run this together: each takes its
+share of every global micro-batch, gradients are averaged once per step, evaluation is split and
+gathered, and only the main process writes the run folder (``processes.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from mmlm.registry import OBJECTIVES
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
 from mmlm.train.lora import attach, restrict_to_adapters
+from mmlm.train.processes import Processes
 from mmlm.train.progress import LossWindow, is_log_step
 from mmlm.train.run_folder import RunFolder, is_checkpoint
 from mmlm.train.schedule import lr_factor
@@ -95,6 +100,7 @@ class StageRun:
     state_dir: Path
     trainable: int
     curve: list = field(default_factory=list)
+    loss_curve: list = field(default_factory=list)  # {step, loss} at every log step
     completed: int = 0
     tokens_seen: int = 0
     log_every: int = 50
@@ -115,6 +121,7 @@ class Trainer:
         self.steps_this_call = 0
         self._cache: dict = {}
         self.metrics: dict[str, Any] = {}
+        self.procs = Processes()
 
     # -------------------------------------------------------------------------------- setup
     def _check_inputs(self, stage: str | None) -> None:
@@ -142,13 +149,18 @@ class Trainer:
         init = self.folder.init
         if is_checkpoint(init):
             return load(init)
-        torch.manual_seed(derive_seed(self.seed, 0, 0, "init"))
-        if self.cfg.train.init_from:
-            model = load_as(self.cfg.train.init_from, self.cfg)
-        else:
-            model = build(self.cfg, texts=self.tokenizer_texts())
-        model.save(init)
-        return model
+
+        def build_and_save():
+            torch.manual_seed(derive_seed(self.seed, 0, 0, "init"))
+            if self.cfg.train.init_from:
+                model = load_as(self.cfg.train.init_from, self.cfg)
+            else:
+                model = build(self.cfg, texts=self.tokenizer_texts())
+            model.save(init)
+            return model
+
+        model = self.procs.on_main(build_and_save, "built the initial model")
+        return model if model is not None else load(init)  # the other processes read what it saved
 
     def _dataset(self, model, sources, where: str, policy: str, name: str) -> StageDataset:
         recs = load_records(sources, where, self._cache)
@@ -156,14 +168,18 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- run
     def run(self, stage: str | None = None, resume: bool = False, model=None):
+        if not self.procs.is_main:
+            self.reporter = Silent()
         self._check_inputs(stage)
-        self.folder.lock()
+        self.procs.on_main(self.folder.lock, "locked the run folder")
         threads = torch.get_num_threads()
         try:
             if self.cfg.train.threads:  # for this run only: the caller's setting comes back after it
                 torch.set_num_threads(self.cfg.train.threads)
             # --stage continues the run the folder holds (the same checks as --resume), running that stage
-            self.metrics = self.folder.open(self.cfg, continuing=resume or stage is not None)
+            self.metrics = self.procs.on_main(
+                lambda: self.folder.open(self.cfg, continuing=resume or stage is not None), "opened the run folder"
+            )
             return self._run_stages(stage, resume, model)
         finally:
             torch.set_num_threads(threads)
@@ -184,13 +200,13 @@ class Trainer:
                     model = load(last)
                 elif given is not None and not is_checkpoint(self.folder.init):
                     model = given
-                    model.save(self.folder.init)
+                    self.procs.on_main(lambda m=given: m.save(self.folder.init), "saved the initial model")
                 else:
                     model = self._initial_model()
             self.run_stage(model, st, idx, resume)
             last = ck
         if last is not None:
-            self.folder.point_final(last.name)
+            self.procs.on_main(lambda: self.folder.point_final(last.name), "pointed final at the last stage")
         if model is None and last is not None:
             model = load(last)
         return model
@@ -205,7 +221,8 @@ class Trainer:
             # an error, Ctrl-C or SIGTERM loses nothing: keep the last completed step (a micro-batch
             # in flight is dropped; its gradients were never applied)
             if run.start < run.completed < run.total and not isinstance(err, TrainingInterrupted):
-                self._save_state(run)
+                if self.procs.is_main:  # no collective here: another process may be gone
+                    self._write_state(run, run.data.failed)
             if isinstance(err, KeyboardInterrupt) and not isinstance(err, TrainingStopped):
                 saved = run.completed if run.completed > run.start else run.start
                 where = f"state saved in {run.state_dir} at step {saved}" if saved else "no step was completed"
@@ -236,22 +253,29 @@ class Trainer:
         optimizer = torch.optim.AdamW(groups, lr=st.lr, betas=(0.9, 0.98), eps=1e-8)
         total = st.steps or max(1, math.ceil(st.epochs * len(data) / (st.batch_size * st.grad_accum)))
         state_dir = self.folder.state(st.name)
-        start, curve, window = 0, [], LossWindow()
+        start, curve, loss_curve, window = 0, [], [], LossWindow()
         if resume and (state_dir / "state.json").is_file():
             info = load_train_state(state_dir, model, optimizer)
-            start, curve = info["step"], info.get("curve", [])
+            start, curve, loss_curve = info["step"], info.get("curve", []), info.get("loss_curve", [])
             window.restore(info.get("loss_window", {}))
             data.failed.update({int(i): reason for i, reason in info.get("failed", {}).items()})
         accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
         model.to(accelerator.device)
         pmodel, optimizer = accelerator.prepare(model, optimizer)
-        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, idx, where, st.on_bad_sample)
+        share = self.procs.share(st.batch_size, where)
+        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, idx, where, st.on_bad_sample, share)
         batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
         self.reporter.stage_start(
             st.name,
             total,
             start,
-            {"samples": len(data), **data.report(), "trainable": len(names), "log_every": self.cfg.train.log_every},
+            {
+                "samples": len(data),
+                **data.report(),
+                "trainable": len(names),
+                "log_every": self.cfg.train.log_every,
+                "processes": self.procs.count,
+            },
         )
         return StageRun(
             st=st,
@@ -271,6 +295,7 @@ class Trainer:
             state_dir=state_dir,
             trainable=len(names),
             curve=curve,
+            loss_curve=loss_curve,
             completed=start,
             log_every=self.cfg.train.log_every,
             window=window,
@@ -279,11 +304,19 @@ class Trainer:
     def _losses(self, run: StageRun, batch: dict) -> dict[str, torch.Tensor]:
         """The micro-batch's weighted losses by name (each objective's own, times its weight)."""
         position = batch.pop("_position")
-        info = StepInfo(run.st.name, position, lambda purpose: derive_seed(self.seed, run.index, position, purpose))
+        info = StepInfo(
+            run.st.name,
+            position,
+            lambda purpose: derive_seed(self.seed, run.index, position, purpose),
+            self.procs.count,
+            self.procs.global_mean,
+            self.procs.gather,
+        )
         hidden = any(o.needs_hidden_states for o in run.objectives)
         out = None  # objectives on pairs data run the model themselves (objectives/_base.py)
         if any(o.data_kind == "conversations" for o in run.objectives):
-            out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
+            with self.procs.no_sync(run.accelerator, run.pmodel):
+                out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
         losses: dict[str, torch.Tensor] = {}
         with run.accelerator.autocast():
             for obj in run.objectives:
@@ -318,15 +351,24 @@ class Trainer:
                 run.accelerator.backward(total)
             for name, value in losses.items():  # summed on the device: one host transfer per step
                 parts[name] = parts.get(name, 0.0) + value.detach() / st.grad_accum
+        params = [p for p in run.model.parameters() if p.requires_grad]
+        self.procs.sync_gradients(params)
         if st.max_grad_norm:
-            params = [p for p in run.model.parameters() if p.requires_grad]
             run.accelerator.clip_grad_norm_(params, st.max_grad_norm)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
-        parts = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True))
+        parts = dict(zip(parts, torch.stack(list(parts.values())).tolist(), strict=True)) if parts else {}
+        if self.procs.several:  # the global micro-batches' losses and tokens
+            everyone = self.procs.gather((parts, step_tokens))
+            parts = {}
+            for got, _ in everyone:
+                for k, v in got.items():
+                    parts[k] = parts.get(k, 0.0) + v / self.procs.count
+            step_tokens = sum(tokens for _, tokens in everyone)
         run.window.add(parts)
         if is_log_step(step + 1, run.total, run.log_every):
             run.window.close()
+            run.loss_curve.append({"step": step + 1, "loss": run.window.last})
         run.completed = step + 1
         run.tokens_seen += step_tokens
         now = time.time()
@@ -339,8 +381,7 @@ class Trainer:
         """Evaluate, save the state, or stop (``stop_after``: a simulated kill, saving nothing) after step ``done``."""
         st = run.st
         if run.eval_data is not None and (done % st.eval_every == 0 or done == run.total):
-            ev = self.cfg.train.eval
-            m = evaluate_quick(run.model, run.eval_data, ev)
+            m = evaluate_quick(run.model, run.eval_data, self.cfg.train.eval, self.procs)
             run.curve.append(
                 {
                     "step": done,
@@ -358,8 +399,25 @@ class Trainer:
         if self.stop_after is not None and self.steps_this_call >= self.stop_after and done < run.total:
             raise TrainingInterrupted(f"stopped after {self.steps_this_call} steps (stage {st.name}, step {done})")
 
+    def _failed(self, run: StageRun) -> dict:
+        """The samples every process skipped so far (a collective on several processes)."""
+        failed = {}
+        for got in self.procs.gather(run.data.failed):
+            failed.update(got)
+        return failed
+
     def _save_state(self, run: StageRun) -> None:
-        info = {"stage": run.st.name, "curve": run.curve, "failed": run.data.failed, "loss_window": run.window.state()}
+        failed = self._failed(run)
+        self.procs.on_main(lambda: self._write_state(run, failed), f"saved the state at step {run.completed}")
+
+    def _write_state(self, run: StageRun, failed: dict) -> None:
+        info = {
+            "stage": run.st.name,
+            "curve": run.curve,
+            "loss_curve": run.loss_curve,
+            "failed": failed,
+            "loss_window": run.window.state(),
+        }
         save_train_state(run.state_dir, run.model, run.optimizer, run.completed, info)
 
     def _finish_stage(self, run: StageRun) -> dict:
@@ -371,6 +429,7 @@ class Trainer:
             p.requires_grad_(False)
         model.eval()
         wall = time.time() - run.t0
+        run.data.failed = self._failed(run)
         summary = {
             "steps": run.total,
             "resumed_from": run.start,
@@ -378,13 +437,20 @@ class Trainer:
             "final_loss": _rounded(run.window.last),  # the mean over the last log interval
             "losses": {k: round(v, 4) for k, v in run.window.last_parts.items()},
             "tokens_per_s": round(run.tokens_seen / max(wall, 1e-9), 1),
+            "processes": self.procs.count,
+            "peak_memory_mb": max(self.procs.gather(peak_memory_mb(run.accelerator.device))),
             "data": run.data.report(),
             "curve": run.curve,
+            "loss_curve": run.loss_curve,  # the mean loss of each log interval
         }
-        model.save(self.folder.stage(st.name), metrics=summary)
-        shutil.rmtree(run.state_dir, ignore_errors=True)
-        self.metrics.setdefault("stages", {})[st.name] = summary
-        self.folder.write_metrics(self.metrics)
+
+        def write():
+            model.save(self.folder.stage(st.name), metrics=summary)
+            shutil.rmtree(run.state_dir, ignore_errors=True)
+            self.metrics.setdefault("stages", {})[st.name] = summary
+            self.folder.write_metrics(self.metrics)
+
+        self.procs.on_main(write, f"saved stage {st.name}")
         self.reporter.stage_end(st.name, summary)
         return summary
 
@@ -393,10 +459,28 @@ def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
-def evaluate_quick(model, data: StageDataset, ev) -> dict:
+def evaluate_quick(model, data: StageDataset, ev, procs: Processes | None = None) -> dict:
+    several = procs is not None and procs.several
     return evaluate(
-        model, data, max_questions=ev.max_questions, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens
+        model,
+        data,
+        max_questions=ev.max_questions,
+        batch_size=ev.batch_size,
+        max_new_tokens=ev.max_new_tokens,
+        share=(procs.index, procs.count) if several else None,
+        gather=procs.gather if several else None,
     )
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: allocated on a CUDA device, resident (RSS) otherwise."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(rss / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def select_trainable(model, st: StageConfig, where: str) -> list[str]:
