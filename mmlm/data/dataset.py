@@ -14,8 +14,9 @@ from PIL import Image
 
 from mmlm.data.pairs import PairEncoded, PairRecord, check_pair, collate_pairs, load_pair
 from mmlm.data.records import Record, resolve_image
+from mmlm.data.shards import TarMember
 from mmlm.errors import SampleError
-from mmlm.images import load_image, to_rgb
+from mmlm.images import decode_image, load_image, to_rgb
 from mmlm.modalities import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, VIDEO_PLACEHOLDER
 from mmlm.processor import Encoded, Processor
 from mmlm.video.read import check_video, read_video
@@ -80,7 +81,7 @@ class StageDataset:
                 if not p.is_file():
                     raise SampleError(f"image not found: {p}", "missing image")
                 paths.append(p)
-            elif isinstance(img, Image.Image):
+            elif isinstance(img, (Image.Image, TarMember)):  # in memory, or in a shard (read when drawn)
                 paths.append(img)
             else:  # found now, not when training draws it
                 raise SampleError(
@@ -154,9 +155,9 @@ class StageDataset:
         return self.processor.collate(samples)
 
     def images(self, i: int) -> list:
-        """Sample ``i``'s images, decoded (files) or as given (in-memory images)."""
+        """Sample ``i``'s images, decoded (files, shard members) or as given (in-memory images)."""
         limit = self.processor.config.max_image_pixels
-        return [load_image(p, limit) if isinstance(p, Path) else to_rgb(p) for p in self.paths[i]]
+        return [_decoded(p, limit) for p in self.paths[i]]
 
     def report(self) -> dict:
         """Samples used and skipped, each bad sample counted once whatever number of times it was drawn."""
@@ -169,6 +170,18 @@ class StageDataset:
         }
 
 
+def _decoded(image, limit: int) -> Image.Image:
+    if isinstance(image, Path):
+        return load_image(image, limit)
+    if isinstance(image, TarMember):
+        try:
+            data = image.read()
+        except OSError as err:
+            raise SampleError(f"image {image} cannot be read: {err}", "corrupt image") from None
+        return decode_image(data, limit, name=f"image {image}", setting="processor.max_image_pixels")
+    return to_rgb(image)
+
+
 def _image_size(image) -> tuple[int, int]:
     """(width, height) from a PIL image or a file's header (nothing decoded)."""
     from PIL import Image
@@ -176,7 +189,7 @@ def _image_size(image) -> tuple[int, int]:
     if isinstance(image, Image.Image):
         return image.size
     try:
-        with Image.open(image) as im:
+        with Image.open(image.open() if isinstance(image, TarMember) else image) as im:
             return im.size
     except (OSError, ValueError) as err:
         raise SampleError(f"image {image} cannot be read: {err}", "corrupt image") from None

@@ -53,22 +53,14 @@ def _read_json_rows(path: Path) -> list[dict]:
     return data
 
 
-def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -> Record:
+def row_to_record(row: dict, index: int, source: str, image_root: Path | None, images: list | None = None) -> Record:
+    """A LLaVA-shaped row as a record; ``images``: the row's images when they come from elsewhere (a
+    shard's image members) instead of its ``image`` key."""
     where = f"{source}[{index}]"
     if not isinstance(row, dict):
         raise SampleError(f"a row must be a JSON object, not {type(row).__name__}", "bad format", index, where=where)
-    key = "image" if "image" in row else "images"
-    listed = row.get(key)
-    listed = [] if listed is None else [listed] if isinstance(listed, (str, dict)) else listed
-    if not isinstance(listed, list):
-        raise SampleError(
-            f"{key!r} is {type(listed).__name__}; expected an image path or a list of them",
-            "unsupported format",
-            index,
-            where=where,
-        )
-    # a path string, a file:// path or {"path": ...}; URLs, inline data and other shapes are refused
-    images = [image_ref(v, f"{key}[{j}]", where) for j, v in enumerate(listed)]
+    if images is None:
+        images = _row_images(row, index, where)
     if "conversations" in row or "messages" in row:
         turns = row.get("conversations", row.get("messages"))
         if not isinstance(turns, list) or not turns:
@@ -91,6 +83,21 @@ def row_to_record(row: dict, index: int, source: str, image_root: Path | None) -
     return Record(
         str(row.get("id", index)), msgs, images, image_root, {}, info, source, row=index, audios=audio, videos=video
     )
+
+
+def _row_images(row: dict, index: int, where: str) -> list[str]:
+    key = "image" if "image" in row else "images"
+    listed = row.get(key)
+    listed = [] if listed is None else [listed] if isinstance(listed, (str, dict)) else listed
+    if not isinstance(listed, list):
+        raise SampleError(
+            f"{key!r} is {type(listed).__name__}; expected an image path or a list of them",
+            "unsupported format",
+            index,
+            where=where,
+        )
+    # a path string, a file:// path or {"path": ...}; URLs, inline data and other shapes are refused
+    return [image_ref(v, f"{key}[{j}]", where) for j, v in enumerate(listed)]
 
 
 def _media_paths(row: dict, key: str, placeholder: str, what: str, msgs: list[dict], index: int, where: str):
@@ -117,6 +124,40 @@ def read_llava(o: LlavaOptions) -> list[Record]:
             out.append(row_to_record(row, i, str(path), root))
         except SampleError as err:
             out.append(Record(str(i), [], [], root, {}, {"error": err}, str(path), row=i))
+    return out
+
+
+class WebDatasetOptions(SourceOptions):
+    path_keys: ClassVar[dict[str, str]] = {"path": "file_or_dir"}
+    path: str  # a .tar shard, or a folder whose .tar shards are read in name order
+    # the user turn of a caption-only sample (.txt, or a .json with a caption): LLaVA pre-training's shape
+    caption_prompt: str = "Describe the image briefly."
+
+
+@DATA_FORMATS.register(
+    "webdataset",
+    options=WebDatasetOptions,
+    summary="WebDataset tar shards: image(s) + .json conversation or .txt caption per sample",
+)
+def read_webdataset(o: WebDatasetOptions) -> list[Record]:
+    from mmlm.data.shards import image_members, sample_row, scan_shard, shard_files
+
+    out = []
+    for shard in shard_files(Path(o.path)):
+        for j, (key, parts) in enumerate(scan_shard(shard)):
+            if o.max_samples is not None and len(out) >= o.max_samples:
+                return out
+            images = image_members(parts)
+            try:
+                try:
+                    row = sample_row(parts, f"{IMAGE_PLACEHOLDER}\n{o.caption_prompt}" if images else o.caption_prompt)
+                except ValueError as err:
+                    raise SampleError(str(err), "bad format", j, where=f"{shard}[{j}]") from None
+                if isinstance(row, dict):
+                    row = {**row, "id": row.get("id", key)}
+                out.append(row_to_record(row, j, str(shard), None, images=images))
+            except SampleError as err:
+                out.append(Record(key, [], [], None, {}, {"error": err}, str(shard), row=j))
     return out
 
 
