@@ -279,7 +279,8 @@ def train_cmd(
             from mmlm.train.dry_run import dry_run as run_dry
             from mmlm.train.dry_run import format_report
 
-            console.print(format_report(run_dry(cfg)), soft_wrap=True, markup=False, highlight=False)
+            report = run_dry(cfg, processes=processes)
+            console.print(format_report(report), soft_wrap=True, markup=False, highlight=False)
             return
         train(cfg, out, stage=stage, resume=resume, reporter=ConsoleReporter())
     except (ConfigError, RunExists, SampleError, FileNotFoundError) as err:

@@ -82,3 +82,28 @@ def test_the_command_prints_the_report_and_writes_nothing_to_the_run_folder(tmp_
     assert r.returncode == 0, r.stderr
     assert "stage instruct" in r.stdout and "LoRA on llm (r 4)" in r.stdout and "memory per process" in r.stdout
     assert not (tmp_path / "run").exists()
+
+
+def test_a_billion_parameter_plan_is_reported_without_its_memory(tmp_path):
+    """Built from configs, the model is laid out on the meta device: a 1.2B-parameter Llama is counted
+    exactly (the formula below, not the code's own count) while the process grows by far less than
+    the 4.6 GiB its fp32 weights would take; with 4 processes each holds a quarter of the batch."""
+    import resource
+
+    h, i, layers = 2048, 5632, 22
+    raw = tiny_raw(str(tmp_path / "d"), n=16, steps=2)
+    raw["model"]["llm"]["config"].update(
+        hidden_size=h, intermediate_size=i, num_hidden_layers=layers, num_attention_heads=16, num_key_value_heads=16
+    )
+    raw["train"]["stages"][0]["batch_size"] = 8
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rep = dry_run(parse_config(raw), processes=4)
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    llm = rep["stages"][0]["params"]["llm"]["total"]
+    vocab = llm - layers * (4 * h * h + 3 * h * i + 2 * h) - h  # what is left is embedding and head
+    assert vocab % h == 0 and 0 < vocab // h <= 2 * 200  # (untied) embedding and head of the fitted vocabulary
+    assert llm > 1.1e9 and grown < 1024, grown
+    one = dry_run(parse_config(raw), processes=1)["stages"][0]["memory"]
+    four = rep["stages"][0]["memory"]
+    assert four["batch_per_process"] == 2 and one["batch_per_process"] == 8
+    assert four["activations"] < one["activations"] and four["weights"] == one["weights"]

@@ -7,7 +7,12 @@ The memory estimate counts what is known exactly (weights at their dtype; for tr
 parameters a gradient and AdamW's two moments in fp32) and estimates the LLM's activations for a
 micro-batch of the stage's longest samples with Korthikanti et al. (2022)'s per-layer figure,
 s*b*h*(34 + 5*a*s/h) bytes in 16-bit (twice that in fp32; about 2*s*b*h per layer with activation
-checkpointing). Encoder activations and the allocator's slack are not counted.
+checkpointing). Encoder activations and the allocator's slack are not counted. With several
+processes (``--processes N``) each holds the whole model (DDP) and activations for its share of the
+global micro-batch.
+
+A model built from configs (no pretrained weights to read) is built on PyTorch's meta device: shapes
+and dtypes without memory, so a 7B-parameter plan is reported on a laptop.
 """
 
 from __future__ import annotations
@@ -43,13 +48,13 @@ def _params(model) -> dict[str, dict[str, int]]:
     return out
 
 
-def _activations(model, st, lengths: list[int]) -> int:
+def _activations(model, st, lengths: list[int], processes: int = 1) -> int:
     cfg = model.llm.config
     h = cfg.hidden_size
     a = cfg.num_attention_heads
     layers = cfg.num_hidden_layers
     s = max(lengths) if lengths else 0
-    b = st.batch_size
+    b = max(1, st.batch_size // processes)
     if st.gradient_checkpointing:
         per_layer = 2 * s * b * h
         full_layer = s * b * h * (34 + 5 * a * s / h)
@@ -74,8 +79,19 @@ def _distribution(lengths: list[int]) -> dict[str, Any]:
     }
 
 
-def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
-    """What ``mmlm train`` would do with ``cfg``, per stage; nothing is trained or written."""
+def _from_configs_only(cfg: PipelineConfig) -> bool:
+    """Whether every encoder and the LLM are built from configs: none names a file, folder or hub id
+    to load weights from (its ``path_keys`` options all unset)."""
+    from mmlm.config import path_keys
+    from mmlm.registry import ENCODERS, LLM_SOURCES
+
+    parts = [(p, ENCODERS) for p in cfg.model.encoders.values()] + [(cfg.model.llm, LLM_SOURCES)]
+    return not any(part.options().get(key) for part, registry in parts for key in path_keys(registry, part.name))
+
+
+def dry_run(cfg: PipelineConfig, processes: int = 1) -> dict[str, Any]:
+    """What ``mmlm train`` would do with ``cfg`` on ``processes`` processes, per stage; nothing is
+    trained or written."""
     from mmlm.checkpoint import load_as
     from mmlm.train.runner import Trainer, select_trainable
     from mmlm.train.seeds import derive_seed
@@ -85,9 +101,12 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
     torch.manual_seed(derive_seed(cfg.train.seed, 0, 0, "init"))
     if cfg.train.init_from:
         model = load_as(cfg.train.init_from, cfg)
+    elif _from_configs_only(cfg):
+        with torch.device("meta"):
+            model = build(cfg, texts=trainer.tokenizer_texts())
     else:
         model = build(cfg, texts=trainer.tokenizer_texts())
-    report: dict[str, Any] = {"stages": []}
+    report: dict[str, Any] = {"stages": [], "processes": processes}
     for idx, st in enumerate(cfg.train.stages):
         where = f"train.stages.{idx}"
         select_trainable(model, st, where)
@@ -97,7 +116,7 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
         trainable = sum(r["trainable"] for r in params.values())
         weights = sum(r["bytes"] for r in params.values())
         optimizer = 12 * trainable  # fp32 gradient + AdamW's two moments
-        acts = _activations(model, st, lengths)
+        acts = _activations(model, st, lengths, processes)
         skipped = dict(data.skipped)
         report["stages"].append(
             {
@@ -118,6 +137,7 @@ def dry_run(cfg: PipelineConfig) -> dict[str, Any]:
                     "total": weights + optimizer + acts,
                     "precision": st.precision,
                     "batch_size": st.batch_size,
+                    "batch_per_process": max(1, st.batch_size // processes),
                     "gradient_checkpointing": st.gradient_checkpointing,
                 },
             }
@@ -160,8 +180,11 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"  would skip {sum(st['skipped'].values())} ({what}){verdict}")
         m = st["memory"]
         ckpt = ", activation checkpointing" if m["gradient_checkpointing"] else ""
+        batch = f"batch {m['batch_size']}"
+        if report.get("processes", 1) > 1:
+            batch += f" = {report['processes']} x {m['batch_per_process']}"
         lines.append(
-            f"  memory per process (estimate; precision {m['precision']}, batch {m['batch_size']}{ckpt}): "
+            f"  memory per process (estimate; precision {m['precision']}, {batch}{ckpt}): "
             f"weights {_size(m['weights'])} + gradients and AdamW {_size(m['gradients_and_optimizer'])} + "
             f"LLM activations {_size(m['activations'])} = {_size(m['total'])}"
         )
