@@ -13,13 +13,15 @@ each row's file exists; nothing is decoded before a sample is drawn).
 Measured, each printed: the JSON parse into records (``read_llava``), the stage's checks over every
 row (``StageDataset``: file exists, placeholders match, token count with the media tokens against
 ``processor.max_length``), and the process's peak resident memory after each, against its size
-before (``ru_maxrss``).
+before (``ru_maxrss``). Then the same check as a training stage runs it, with the check cache
+(``mmlm/data/check_cache.py``): once to save it, once more to read it back.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
@@ -141,6 +143,12 @@ def main() -> int:
         f"start-up total {parse_s + check_s:.1f}s; {(after_check - base) * 2**20 / max(1, len(recs)):.0f} bytes of "
         f"peak memory per row; images decoded: 0 (each is read when its sample is drawn)"
     )
+    # what a training stage does (cache=True): the first check saves its results, the next reads them
+    os.environ["MMLM_CACHE"] = str(work / "cache")
+    for what in ("first stage start (checks, saves)", "next stage start or resume (reads the saved check)"):
+        t = time.perf_counter()
+        again = StageDataset(recs, model.processor, "skip", name="mix665k", cache=True)
+        print(f"StageDataset with the check cache, {what}: {time.perf_counter() - t:.1f}s ({len(again)} samples)")
     return 0
 
 

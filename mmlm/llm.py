@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from mmlm.errors import ConfigError
+from mmlm.gguf_cache import converted_folder, is_complete, save_converted
 from mmlm.registry import LLM_SOURCES
 
 AttnImpl = Literal["auto", "sdpa", "eager", "flex_attention", "flash_attention_2"]
@@ -150,13 +151,22 @@ def load_gguf(
     if skeleton:  # the GGUF header only: its metadata holds the architecture
         return _skeleton(AutoConfig.from_pretrained(str(folder), gguf_file=name))
     attn = resolve_attn_implementation(o.attn_implementation)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), gguf_file=name, dtype=_dtype(o.dtype), attn_implementation=attn
-    )
+    # converted once into a transformers folder keyed by the file's digest (mmlm/gguf_cache.py)
+    entry = converted_folder(folder / name)
+    if entry is not None and is_complete(entry):
+        model = AutoModelForCausalLM.from_pretrained(str(entry), dtype=_dtype(o.dtype), attn_implementation=attn)
+        tok = None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), gguf_file=name, dtype=_dtype(o.dtype), attn_implementation=attn
+        )
+        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+        if entry is not None:
+            save_converted(entry, model, tok, folder / name)
     if tokenizer_dir and Path(tokenizer_dir, "tokenizer_config.json").is_file():
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    else:
-        tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    elif tok is None:
+        tok = AutoTokenizer.from_pretrained(str(entry))
     _ensure_pad(tok)
     return LoadedLLM(model, tok, pretrained=True)
 

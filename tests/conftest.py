@@ -1,6 +1,7 @@
 import importlib.util
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# a fresh GGUF conversion cache per test session (mmlm/gguf_cache.py): the first SmolLM2 load converts
+os.environ["MMLM_CACHE"] = tempfile.mkdtemp(prefix="mmlm-cache-")
 warnings.filterwarnings("ignore", category=FutureWarning)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

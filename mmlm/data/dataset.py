@@ -12,6 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from mmlm.data import check_cache
 from mmlm.data.pairs import PairEncoded, PairRecord, check_pair, collate_pairs, load_pair
 from mmlm.data.records import Record, resolve_image
 from mmlm.data.shards import TarMember
@@ -32,6 +33,7 @@ class StageDataset:
         policy: str = "error",
         name: str = "data",
         embedding=None,  # the model's EmbeddingConfig: how pairs records are written (needed for them only)
+        cache: bool = False,  # reuse (and save) the check's results: mmlm/data/check_cache.py
     ):
         self.processor = processor
         self.embedding = embedding
@@ -42,14 +44,33 @@ class StageDataset:
         self.records: list[Record] = []
         self.paths: list[list] = []
         self.lengths: list[int | None] = []  # each kept sample's tokens, media included (None: pairs)
+        key = check_cache.fingerprint(records, processor) if cache else None
+        cached = check_cache.load(key, len(records))
+        results: list = []
         for i, rec in enumerate(records):
             try:
-                paths, n = self._check(rec, i)
+                if cached is not None:
+                    paths, n = self._recall(rec, cached[i])
+                else:
+                    paths, n = self._check(rec, i)
+                    results.append(n)
                 self.paths.append(paths)
                 self.lengths.append(n)
                 self.records.append(rec)
             except SampleError as err:
+                if cached is None:
+                    results.append([err.reason, err.detail])
                 self._bad(err, i, rec)
+        if key is not None and cached is None:
+            check_cache.save(key, results)
+
+    @staticmethod
+    def _recall(rec: Record, result) -> tuple[list, int | None]:
+        """A record's media and length from a saved check (``check_cache``); a saved refusal is raised."""
+        if isinstance(result, list):
+            raise SampleError(result[1], result[0])
+        paths = [resolve_image(rec.image_root, img) if isinstance(img, str) else img for img in rec.images]
+        return paths, result
 
     def _bad(self, err: SampleError, i: int, rec: Record) -> None:
         if self.policy == "error":

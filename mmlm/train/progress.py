@@ -108,5 +108,7 @@ class ConsoleReporter:
         self.console.print(
             f"  {name} done in {summary['seconds']}s, final loss {summary['final_loss']} "
             f"({', '.join(f'{k} {v}' for k, v in summary.get('losses', {}).items())}), {summary['tokens_per_s']} tok/s"
+            + (f", peak memory {summary['peak_memory_mb']:.0f} MiB" if summary.get("peak_memory_mb") else "")
+            + (f" per process ({summary['processes']} processes)" if summary.get("processes", 1) > 1 else "")
         )
         sys.stdout.flush()

@@ -164,7 +164,9 @@ class Trainer:
 
     def _dataset(self, model, sources, where: str, policy: str, name: str) -> StageDataset:
         recs = load_records(sources, where, self._cache)
-        return StageDataset(recs, model.processor, policy, name=name, embedding=model.config.model.embedding)
+        return StageDataset(
+            recs, model.processor, policy, name=name, embedding=model.config.model.embedding, cache=True
+        )
 
     # -------------------------------------------------------------------------------- run
     def run(self, stage: str | None = None, resume: bool = False, model=None):
