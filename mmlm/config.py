@@ -178,6 +178,10 @@ class StageConfig(Strict):
     # a sample that cannot be used (missing/corrupt image, too long, bad format): stop, or skip and count it
     on_bad_sample: Literal["error", "skip"] = "error"
     num_workers: int = Field(0, ge=0)  # processes preparing batches; the batches are the same with any number
+    # several samples of a micro-batch share a row (position ids restart, attention stays within each
+    # sample): the same loss with less padding (mmlm/processor.py: pack_rows)
+    packing: bool = False
+    pack_tokens: int | None = Field(None, gt=0)  # a packed row's token budget; null: processor.max_length
 
     @field_validator("objective", mode="before")
     @classmethod

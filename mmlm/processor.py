@@ -340,6 +340,11 @@ class Processor:
             "attention_mask": mask,
             "position_ids": position_ids,
         }
+        self._add_media(batch, samples)
+        return batch
+
+    def _add_media(self, batch: dict[str, Any], samples: Sequence[Encoded]) -> None:
+        """Each modality's items stacked under its batch key, and the items' annotations, in sample order."""
         for name, spec in self.media.items():
             items = [t for s in samples for t in s.media.get(name, [])]
             if items:
@@ -347,6 +352,40 @@ class Processor:
         meta_keys = sorted({k for s in samples for k in s.meta})
         if meta_keys:
             batch["media_meta"] = {k: [v for s in samples for v in s.meta.get(k, [])] for k in meta_keys}
+
+    def collate_packed(self, samples: Sequence[Encoded], budget: int) -> dict[str, Any]:
+        """Samples packed into as few rows of at most ``budget`` tokens as ``pack_rows`` finds: each
+        sample's positions restart at 0, its first label is ignored (nothing before it in its own
+        sequence predicts it), the padding at a row's end is a sequence of its own, and there is no
+        ``attention_mask``: transformers confines attention to each sample from the restarting
+        ``position_ids`` (SDPA, eager and flex masks; flash-attention's variable-length path).
+        Media and annotations follow the packed order. ``sequence_lengths`` gives each sample's
+        length in packed order."""
+        rows = pack_rows([len(s.input_ids) for s in samples], budget)
+        width = max(sum(len(samples[i].input_ids) for i in row) for row in rows)
+        R = len(rows)
+        input_ids = torch.full((R, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((R, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((R, width), dtype=torch.long)
+        order: list[int] = []
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                s, n = samples[i], len(samples[i].input_ids)
+                input_ids[r, at : at + n] = torch.tensor(s.input_ids, dtype=torch.long)
+                labels[r, at + 1 : at + n] = torch.tensor(s.labels[1:], dtype=torch.long)
+                position_ids[r, at : at + n] = torch.arange(n)
+                at += n
+                order.append(i)
+            position_ids[r, at:] = torch.arange(width - at)
+        packed = [samples[i] for i in order]
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids,
+            "sequence_lengths": torch.tensor([len(s.input_ids) for s in packed]),
+        }
+        self._add_media(batch, packed)
         return batch
 
     def __call__(
@@ -374,6 +413,24 @@ class Processor:
         if not self.use_template and isinstance(end, int) and end != self.tokenizer.unk_token_id:
             stops.add(end)
         return stops
+
+
+def pack_rows(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices grouped into rows of at most ``budget`` tokens (a longer
+    sample gets a row of its own); the longest samples are placed first, ties in sample order, and
+    each row lists its samples in sample order."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(budget - lengths[i])
+    return [sorted(row) for row in rows]
 
 
 def _size(item) -> tuple[int, int]:

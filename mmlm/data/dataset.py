@@ -168,11 +168,13 @@ class StageDataset:
             media["video"] = [read_video(resolve_image(rec.image_root, v), n, limit) for v in rec.videos]
         return media
 
-    def collate(self, samples: list) -> dict:
-        """A micro-batch of loaded samples: the processor's batch, or for pairs its ``query`` and
-        ``candidate`` sub-batches (``collate_pairs``)."""
+    def collate(self, samples: list, pack_tokens: int | None = None) -> dict:
+        """A micro-batch of loaded samples: the processor's batch (``pack_tokens``: packed into rows
+        of that many tokens), or for pairs its ``query`` and ``candidate`` sub-batches (``collate_pairs``)."""
         if samples and isinstance(samples[0], PairEncoded):
             return collate_pairs(self.processor, samples)
+        if pack_tokens is not None:
+            return self.processor.collate_packed(samples, pack_tokens)
         return self.processor.collate(samples)
 
     def images(self, i: int) -> list:

@@ -205,6 +205,8 @@ def collate_pairs(processor: Processor, samples: list[PairEncoded]) -> dict[str,
 
 def batch_tokens(batch: dict[str, Any]) -> int:
     """Real (unpadded) positions of a micro-batch: a processor batch, or the sub-batches of a pairs one."""
+    if "sequence_lengths" in batch:  # packed rows (Processor.collate_packed)
+        return int(batch["sequence_lengths"].sum())
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
     return sum(int(b["attention_mask"].sum()) for b in batch.values() if isinstance(b, dict) and "attention_mask" in b)

@@ -26,11 +26,13 @@ class StageBatches:
         where: str,
         policy: str,
         share: tuple[int, int] | None = None,
+        pack_tokens: int | None = None,
     ):
         self.data = data
         self.batch_size = batch_size
         # this process's part of each global micro-batch: (first position in it, count); all of it by default
         self.first, self.count = share or (0, batch_size)
+        self.pack_tokens = pack_tokens  # pack each micro-batch into rows of this many tokens (None: one per sample)
         self.run_seed = run_seed
         self.stage = stage
         self.stage_index = stage_index
@@ -64,7 +66,8 @@ class StageBatches:
         skipped on the way (``_skipped``: index and reason of each)."""
         skipped: list[tuple[int, str]] = []
         base = micro_index * self.batch_size + self.first
-        batch = self.data.collate([self.load_sample(base + j, skipped) for j in range(self.count)])
+        samples = [self.load_sample(base + j, skipped) for j in range(self.count)]
+        batch = self.data.collate(samples, self.pack_tokens)
         batch["_skipped"] = skipped
         batch["_position"] = micro_index
         return batch

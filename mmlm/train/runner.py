@@ -265,7 +265,8 @@ class Trainer:
         model.to(accelerator.device)
         pmodel, optimizer = accelerator.prepare(model, optimizer)
         share = self.procs.share(st.batch_size, where)
-        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, idx, where, st.on_bad_sample, share)
+        pack = packing_budget(model, st, objectives, where)
+        make_batch = StageBatches(data, st.batch_size, self.seed, st.name, idx, where, st.on_bad_sample, share, pack)
         batches = iter_batches(make_batch, start * st.grad_accum, total * st.grad_accum, st.num_workers)
         self.reporter.stage_start(
             st.name,
@@ -472,6 +473,34 @@ def evaluate_quick(model, data: StageDataset, ev, procs: Processes | None = None
         share=(procs.index, procs.count) if several else None,
         gather=procs.gather if several else None,
     )
+
+
+def packing_budget(model, st: StageConfig, objectives: list[Objective], where: str) -> int | None:
+    """The token budget of a packed row for stage ``st``, or None when it does not pack; what packing
+    cannot serve is refused naming ``{where}.packing``."""
+    if not st.packing:
+        if st.pack_tokens is not None:
+            raise ConfigError(
+                "pack_tokens is the budget of packed rows: set packing: true, or remove it", f"{where}.pack_tokens"
+            )
+        return None
+    if any(o.data_kind != "conversations" for o in objectives):
+        raise ConfigError("packing applies to conversations; this stage trains on pairs", f"{where}.packing")
+    pruning = [name for name, red in model.reducers.items() if red.prunes]
+    if pruning:
+        raise ConfigError(
+            f"pruning inside the LLM (model.token_reduction.{pruning[0]}) scores tokens per row; "
+            "it does not run on packed rows",
+            f"{where}.packing",
+        )
+    limit = model.processor.config.max_length
+    budget = st.pack_tokens or limit
+    if budget < limit:
+        raise ConfigError(
+            f"pack_tokens {budget} is below processor.max_length {limit}: the longest samples would not fit a row",
+            f"{where}.pack_tokens",
+        )
+    return budget
 
 
 def peak_memory_mb(device: torch.device) -> float:
