@@ -5,7 +5,9 @@ checked and encoded as embedding prompts with ``embedding`` (the model's ``model
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,7 +71,8 @@ class StageDataset:
         """A record's media and length from a saved check (``check_cache``); a saved refusal is raised."""
         if isinstance(result, list):
             raise SampleError(result[1], result[0])
-        paths = [resolve_image(rec.image_root, img) if isinstance(img, str) else img for img in rec.images]
+        # checked when the result was saved (inside the root): joined to the root without a syscall each
+        paths = [_under(rec.image_root, img) if isinstance(img, str) else img for img in rec.images]
         return paths, result
 
     def _bad(self, err: SampleError, i: int, rec: Record) -> None:
@@ -191,6 +194,17 @@ class StageDataset:
             "skipped": sum(by_reason.values()),
             "skipped_by_reason": dict(by_reason),
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_root(root: Path) -> str:
+    return str(root.resolve())
+
+
+def _under(root: Path | None, rel: str) -> Path:
+    if root is None:  # saved as refused, so not reached; kept for a clear error
+        return resolve_image(root, rel)
+    return Path(os.path.normpath(os.path.join(_resolved_root(Path(root)), rel)))
 
 
 def _decoded(image, limit: int) -> Image.Image:
