@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from PIL import Image
 from torch import nn
@@ -52,6 +53,8 @@ class MultimodalOutput:
     # with pruning inside the LLM the logits cover only the positions its last layer read: their
     # indices in the batch ``[B, S]`` and which are real (None: the logits cover every position)
     kept: tuple[torch.Tensor, torch.Tensor] | None = None
+    # with ``logits_to_keep`` the logits cover these sequence positions only (1-D, the same for every row)
+    positions: torch.Tensor | None = None
 
     def labels_for(self, labels: torch.Tensor) -> torch.Tensor:
         """The batch's ``labels`` for the positions the logits cover."""
@@ -59,6 +62,12 @@ class MultimodalOutput:
             return labels
         idx, valid = self.kept
         return labels.to(idx.device).gather(1, idx).masked_fill(~valid, IGNORE_INDEX)
+
+    def targets_for(self, labels: torch.Tensor) -> torch.Tensor:
+        """The next-token target of each logit (IGNORE_INDEX where none is learnt): ``labels``
+        shifted by one along the sequence the logits cover."""
+        shifted = F.pad(self.labels_for(labels).to(self.logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+        return shifted if self.positions is None else shifted[:, self.positions.to(shifted.device)]
 
 
 class MultimodalLM(nn.Module):
@@ -106,6 +115,11 @@ class MultimodalLM(nn.Module):
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
 
+    @property
+    def llm_keeps_logits(self) -> bool:
+        """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
+        return "logits_to_keep" in inspect.signature(self.llm.forward).parameters
+
     def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The entries of a processor batch that ``forward`` takes (text inputs and media tensors);
         labels and annotations stay behind for the objectives."""
@@ -151,26 +165,40 @@ class MultimodalLM(nn.Module):
         position_ids=None,
         labels=None,
         output_hidden_states: bool = False,
+        logits_to_keep: torch.Tensor | None = None,
         **media,
     ) -> MultimodalOutput:
-        """``media``: one tensor per modality under its batch key (``pixel_values=`` for images)."""
+        """``media``: one tensor per modality under its batch key (``pixel_values=`` for images).
+        ``logits_to_keep``: the sequence positions (1-D) whose logits are computed, as transformers'
+        causal LMs take it; the LM head then never runs on the others (``supervised_positions``)."""
         known = {spec.batch_key for spec in self.processor.media.values()}
         unknown = sorted(set(media) - known)
         if unknown:
             raise TypeError(f"unexpected inputs {unknown}; this model takes media as {sorted(known) or 'none'}")
         embeds, media_tokens = self.embed_inputs(input_ids, media)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep.to(embeds.device)}
         with self.pruning(input_ids, mask) as pruning:
+            if keep and pruning is not None:
+                raise ValueError("logits_to_keep cannot be combined with pruning inside the LLM")
             out = self.llm(
                 inputs_embeds=embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                labels=labels if pruning is None else None,
+                labels=labels if pruning is None and not keep else None,
                 output_hidden_states=output_hidden_states,
                 use_cache=False,
+                **keep,
             )
         if pruning is None:
-            return MultimodalOutput(out.logits, out.loss, getattr(out, "hidden_states", None), media_tokens)
+            result = MultimodalOutput(out.logits, out.loss, getattr(out, "hidden_states", None), media_tokens)
+            if keep:
+                result.positions = keep["logits_to_keep"]
+                if labels is not None:
+                    from mmlm.objectives.lm import token_loss
+
+                    result.loss = token_loss(out.logits, result.targets_for(labels))
+            return result
         # the logits are for the positions the last layer read: the labels follow them
         from mmlm.objectives.lm import causal_lm_loss
 

@@ -11,7 +11,10 @@ per stage with ``(options, model, where)`` and calls it on every micro-batch:
 ``objective(output, batch, step) -> {name: loss}``
 
 - ``output`` is the model's ``MultimodalOutput``: ``logits``, ``hidden_states`` (when the objective
-  sets ``needs_hidden_states``) and ``media_tokens`` (the connector output per modality,
+  sets ``needs_hidden_states``) and ``media_tokens``. When every objective of a stage declares that
+  it reads the ``logits`` of supervised positions only (or none), the LM head runs on those
+  positions alone: ``output.positions`` names them and ``output.targets_for(labels)`` gives each
+  logit's next-token target (the connector output per modality,
   ``[items, M, D]``, as transformers' ``image_hidden_states``).
 - ``batch`` is the processor's batch: ``input_ids``, ``attention_mask``, ``labels``, one tensor per
   modality under its batch key (``pixel_values`` for images), and ``media_meta`` (per-item
@@ -94,6 +97,9 @@ class StepInfo:
 
 class Objective(abc.ABC):
     needs_hidden_states: ClassVar[bool] = False
+    # which of the LLM's logits it reads: "all", "supervised" (positions with a next-token target:
+    # the trainer then runs the LM head on those only) or "none"
+    logits: ClassVar[str] = "all"
     data_kind: ClassVar[str] = "conversations"  # or "pairs": see the module docstring
     handles_backward: bool = False  # True: the trainer calls backward_step instead of __call__
 

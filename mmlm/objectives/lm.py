@@ -16,16 +16,21 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits[:, t]`` against ``labels[:, t + 1]`` where the label is supervised,
     computed as transformers computes it (labels shifted by padding, logits in fp32), so the same
     batch gives the same bits either way."""
-    target = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX)
+    return token_loss(logits, F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:])
 
 
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The summed cross-entropy over the supervised tokens, and their number."""
-    target = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each logit against its target (``targets``: already shifted, IGNORE_INDEX
+    where nothing is learnt), in fp32."""
     flat = logits.float().reshape(-1, logits.shape[-1])
-    total = F.cross_entropy(flat, target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, (target != IGNORE_INDEX).sum()
+    return F.cross_entropy(flat, targets.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The sequence positions whose logit has a target in some row of the batch (the logits the
+    ``lm`` loss needs): the LM head can skip every other position (transformers' ``logits_to_keep``)."""
+    target = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    return (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
 class LMOptions(ObjectiveOptions):
@@ -34,9 +39,12 @@ class LMOptions(ObjectiveOptions):
 
 @OBJECTIVES.register("lm", options=LMOptions, summary="next-token loss on the supervised (assistant) tokens")
 class LMObjective(Objective):
+    logits = "supervised"
+
     def __call__(self, output, batch, step) -> dict[str, torch.Tensor]:
         # pruning inside the LLM leaves logits for its kept positions only, with the labels gathered to them
-        labels = output.labels_for(batch["labels"])
+        targets = output.targets_for(batch["labels"])
         if step.processes == 1:
-            return {"lm": causal_lm_loss(output.logits, labels)}
-        return {"lm": step.global_mean(*causal_lm_loss_sum(output.logits, labels))}
+            return {"lm": token_loss(output.logits, targets)}
+        count = (targets != IGNORE_INDEX).sum()
+        return {"lm": step.global_mean(token_loss(output.logits, targets, "sum"), count)}

@@ -204,6 +204,8 @@ class ClipScorer:
     "sea", options=SEAOptions, summary="SEA: align each media token with its word label's LLM embedding (InfoNCE)"
 )
 class SEAObjective(Objective):
+    logits = "none"  # it reads the connector's output
+
     def __init__(self, opts: SEAOptions, model, where: str):
         super().__init__(opts, model, where)
         if opts.modality not in model.encoders:

@@ -32,6 +32,7 @@ from mmlm.errors import ConfigError, DataError, TrainingInterrupted, TrainingSto
 from mmlm.evaluate import evaluate
 from mmlm.model import build
 from mmlm.objectives import Objective, StepInfo, build_objectives
+from mmlm.objectives.lm import supervised_positions
 from mmlm.registry import OBJECTIVES
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
@@ -318,8 +319,10 @@ class Trainer:
         hidden = any(o.needs_hidden_states for o in run.objectives)
         out = None  # objectives on pairs data run the model themselves (objectives/_base.py)
         if any(o.data_kind == "conversations" for o in run.objectives):
+            keep = logits_to_keep(run.model, run.objectives, batch)
+            extra = {} if keep is None else {"logits_to_keep": keep}
             with self.procs.no_sync(run.accelerator, run.pmodel):
-                out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden)
+                out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden, **extra)
         losses: dict[str, torch.Tensor] = {}
         with run.accelerator.autocast():
             for obj in run.objectives:
@@ -473,6 +476,18 @@ def evaluate_quick(model, data: StageDataset, ev, procs: Processes | None = None
         share=(procs.index, procs.count) if several else None,
         gather=procs.gather if several else None,
     )
+
+
+def logits_to_keep(model, objectives: list[Objective], batch: dict) -> torch.Tensor | None:
+    """The positions whose logits the stage's objectives read, when that is not all of them: the
+    LM head (a vocabulary-wide matrix product, and the largest activation of a big-vocabulary LLM)
+    then runs on the supervised positions only. None: compute every logit."""
+    kinds = {o.logits for o in objectives if o.data_kind == "conversations" and o.opts.weight != 0}
+    if "all" in kinds or not model.llm_keeps_logits or any(r.prunes for r in model.reducers.values()):
+        return None
+    if "supervised" in kinds:
+        return supervised_positions(batch["labels"])
+    return torch.zeros(0, dtype=torch.long)  # no objective reads a logit
 
 
 def packing_budget(model, st: StageConfig, objectives: list[Objective], where: str) -> int | None:
