@@ -14,7 +14,8 @@ Measured, each printed: the JSON parse into records (``read_llava``), the stage'
 row (``StageDataset``: file exists, placeholders match, token count with the media tokens against
 ``processor.max_length``), and the process's peak resident memory after each, against its size
 before (``ru_maxrss``). Then the same check as a training stage runs it, with the check cache
-(``mmlm/data/check_cache.py``): once to save it, once more to read it back.
+(``mmlm/data/check_cache.py``) and a check process per core: once to check and save, once more to
+read it back.
 """
 
 from __future__ import annotations
@@ -143,12 +144,16 @@ def main() -> int:
         f"start-up total {parse_s + check_s:.1f}s; {(after_check - base) * 2**20 / max(1, len(recs)):.0f} bytes of "
         f"peak memory per row; images decoded: 0 (each is read when its sample is drawn)"
     )
-    # what a training stage does (cache=True): the first check saves its results, the next reads them
+    # what a training stage does (cache=True, a worker per core): the first check runs in forked
+    # processes and saves its results, the next reads them
     os.environ["MMLM_CACHE"] = str(work / "cache")
-    for what in ("first stage start (checks, saves)", "next stage start or resume (reads the saved check)"):
+    workers = os.cpu_count() or 1
+    for what in (f"first stage start ({workers} processes check, then save)", "next stage start or resume (reads it)"):
         t = time.perf_counter()
-        again = StageDataset(recs, model.processor, "skip", name="mix665k", cache=True)
+        again = StageDataset(recs, model.processor, "skip", name="mix665k", cache=True, workers=workers)
         print(f"StageDataset with the check cache, {what}: {time.perf_counter() - t:.1f}s ({len(again)} samples)")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(f"peak RSS of the largest check process: {children:.0f} MiB (the parent's: {rss_mib():.0f} MiB)")
     return 0
 
 

@@ -83,3 +83,29 @@ def test_another_processor_or_record_checks_again_and_off_saves_nothing(tmp_path
     StageDataset(_records(tmp_path, rows), model.processor, "skip", cache=True)
     StageDataset(_records(tmp_path, rows), model.processor, "skip", cache=True)
     assert len(calls) == 20 and len(list((tmp_path / "cache" / "checks").glob("*.json"))) == 3
+
+
+def test_checking_in_forked_processes_finds_what_one_process_finds(tmp_path, rows, monkeypatch):
+    import mmlm.data.dataset as dataset
+
+    monkeypatch.setenv("MMLM_CACHE", "off")
+    monkeypatch.setattr(dataset, "_PARALLEL_MIN", 8)  # a small data set, forked all the same
+    forked = []
+    split = dataset._check_in_processes
+
+    def spy(ds, records, workers):
+        forked.append(workers)
+        return split(ds, records, workers)
+
+    monkeypatch.setattr(dataset, "_check_in_processes", spy)
+    many = [dict(r) for r in rows * 10]
+    model = build(tiny_config(), texts=TEXTS)
+    one = StageDataset(_records(tmp_path, many), model.processor, "skip")
+    two = StageDataset(_records(tmp_path, many), model.processor, "skip", workers=2)
+    assert forked == [2]
+    assert two.lengths == one.lengths and two.skipped == one.skipped == {"missing image": 10}
+    assert [r.id for r in two.records] == [r.id for r in one.records]
+    assert [str(p) for ps in two.paths for p in ps] == [str(p) for ps in one.paths for p in ps]
+    with pytest.raises(SampleError) as err:  # the first refused sample still stops an error run, by index
+        StageDataset(_records(tmp_path, many), model.processor, "error", workers=2)
+    assert "d.json: sample 1" in str(err.value)

@@ -36,6 +36,7 @@ class StageDataset:
         name: str = "data",
         embedding=None,  # the model's EmbeddingConfig: how pairs records are written (needed for them only)
         cache: bool = False,  # reuse (and save) the check's results: mmlm/data/check_cache.py
+        workers: int = 1,  # processes that check the records (forked; large data sets only)
     ):
         self.processor = processor
         self.embedding = embedding
@@ -48,6 +49,9 @@ class StageDataset:
         self.lengths: list[int | None] = []  # each kept sample's tokens, media included (None: pairs)
         key = check_cache.fingerprint(records, processor) if cache else None
         cached = check_cache.load(key, len(records))
+        fresh = cached is None
+        if fresh and _parallel(records, workers):
+            cached = _check_in_processes(self, records, workers)
         results: list = []
         for i, rec in enumerate(records):
             try:
@@ -63,8 +67,8 @@ class StageDataset:
                 if cached is None:
                     results.append([err.reason, err.detail])
                 self._bad(err, i, rec)
-        if key is not None and cached is None:
-            check_cache.save(key, results)
+        if key is not None and fresh:
+            check_cache.save(key, cached if cached is not None else results)
 
     @staticmethod
     def _recall(rec: Record, result) -> tuple[list, int | None]:
@@ -194,6 +198,49 @@ class StageDataset:
             "skipped": sum(by_reason.values()),
             "skipped_by_reason": dict(by_reason),
         }
+
+
+_PARALLEL_MIN = 4000  # records below which forking workers costs more than it saves
+_WORK: dict = {}  # what forked check workers read: the dataset being built and its records
+
+
+def _parallel(records: Sequence, workers: int) -> bool:
+    import multiprocessing
+
+    return (
+        workers > 1
+        and len(records) >= _PARALLEL_MIN
+        and "fork" in multiprocessing.get_all_start_methods()
+        and all(isinstance(r, Record) and all(isinstance(m, str) for m in r.images) for r in records)
+    )
+
+
+def _check_chunk(bounds: tuple[int, int]) -> list:
+    ds, records = _WORK["dataset"], _WORK["records"]
+    out: list = []
+    for i in range(*bounds):
+        try:
+            out.append(ds._check(records[i], i)[1])
+        except SampleError as err:
+            out.append([err.reason, err.detail])
+    return out
+
+
+def _check_in_processes(ds: StageDataset, records: Sequence, workers: int) -> list:
+    """Every record's check result (its length, or [reason, detail]) from ``workers`` forked
+    processes, in record order; they share the parent's records and processor by fork."""
+    import multiprocessing
+
+    n = len(records)
+    step = max(1, -(-n // (workers * 8)))
+    chunks = [(a, min(n, a + step)) for a in range(0, n, step)]
+    _WORK.update(dataset=ds, records=records)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            parts = pool.map(_check_chunk, chunks)
+    finally:
+        _WORK.clear()
+    return [r for part in parts for r in part]
 
 
 @functools.lru_cache(maxsize=64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -166,7 +167,13 @@ class Trainer:
     def _dataset(self, model, sources, where: str, policy: str, name: str) -> StageDataset:
         recs = load_records(sources, where, self._cache)
         return StageDataset(
-            recs, model.processor, policy, name=name, embedding=model.config.model.embedding, cache=True
+            recs,
+            model.processor,
+            policy,
+            name=name,
+            embedding=model.config.model.embedding,
+            cache=True,
+            workers=max(1, (os.cpu_count() or 1) // self.procs.count),  # the cores this process may use
         )
 
     # -------------------------------------------------------------------------------- run
