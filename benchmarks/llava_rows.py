@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 WORDS = (
     "the a image shows of in on with and is are what there this that man woman dog cat table red blue green "
@@ -80,6 +81,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import torch
+    from parts import tiny_vit
 
     import mmlm
     from mmlm.config import parse_config
@@ -97,14 +99,7 @@ def main() -> int:
         {
             "name": "rows",
             "model": {
-                "encoders": {
-                    "image": {
-                        "type": "timm",
-                        "model_name": "vit_tiny_patch16_224",
-                        "img_size": 32,
-                        "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-                    }
-                },
+                "encoders": {"image": tiny_vit(32, 32, 1)},
                 "connectors": {"image": {"type": "mlp", "depth": 2}},
                 "llm": {
                     "type": "scratch",

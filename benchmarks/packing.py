@@ -35,6 +35,7 @@ def main() -> int:
 
     import torch
     from llava_rows import WORDS, write_rows
+    from parts import tiny_vit
 
     from mmlm.config import parse_config
     from mmlm.data.dataset import StageDataset
@@ -50,14 +51,7 @@ def main() -> int:
         {
             "name": "packing",
             "model": {
-                "encoders": {
-                    "image": {
-                        "type": "timm",
-                        "model_name": "vit_tiny_patch16_224",
-                        "img_size": 96,
-                        "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2},
-                    }
-                },
+                "encoders": {"image": tiny_vit(96)},
                 "connectors": {"image": {"type": "mlp", "depth": 2}},
                 "llm": {
                     "type": "scratch",

