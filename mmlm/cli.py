@@ -255,10 +255,6 @@ def train_cmd(
 ):
     """Train the stages a pipeline YAML declares; each stage ends in a checkpoint. Several processes:
     --processes N, or run this command under `accelerate launch` / `torchrun`."""
-    if processes > 1 and not dry_run:
-        from mmlm.train.launch import launch
-
-        raise typer.Exit(launch(processes, config, out, stage, resume, set_ or []))
     _quiet()
     import signal
 
@@ -275,6 +271,10 @@ def train_cmd(
         # without --out the run folder is runs/NAME, which is also what ${out} resolves to
         cfg = load_config(config, set_ or [], variables={"out": str(out)} if out else None)
         out = out or Path("runs") / cfg.name
+        if processes > 1 and not dry_run:  # the config read here first: its errors come without a launcher
+            from mmlm.train.launch import launch
+
+            raise typer.Exit(launch(processes, config, out, stage, resume, set_ or [], debug=_debug["on"]))
         if dry_run:
             from mmlm.train.dry_run import dry_run as run_dry
             from mmlm.train.dry_run import format_report

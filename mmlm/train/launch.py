@@ -17,7 +17,13 @@ def free_port() -> int:
 
 
 def launch_command(
-    processes: int, config: Path, out: Path | None, stage: str | None, resume: bool, sets: list[str]
+    processes: int,
+    config: Path,
+    out: Path | None,
+    stage: str | None,
+    resume: bool,
+    sets: list[str],
+    debug: bool = False,
 ) -> list[str]:
     """The ``accelerate launch`` command line that runs ``mmlm train`` with these options on ``processes``
     processes. ``--multi_gpu`` is accelerate's multi-process launcher (torchrun); on a machine without
@@ -42,6 +48,7 @@ def launch_command(
         str(threads),
         "-m",
         "mmlm.cli",
+        *(["--debug"] if debug else []),  # tracebacks from every process
         "train",
         str(config),
     ]
@@ -56,6 +63,14 @@ def launch_command(
     return cmd
 
 
-def launch(processes: int, config: Path, out: Path | None, stage: str | None, resume: bool, sets: list[str]) -> int:
+def launch(
+    processes: int,
+    config: Path,
+    out: Path | None,
+    stage: str | None,
+    resume: bool,
+    sets: list[str],
+    debug: bool = False,
+) -> int:
     """Run the launch command and return its exit status."""
-    return subprocess.call(launch_command(processes, config, out, stage, resume, sets))
+    return subprocess.call(launch_command(processes, config, out, stage, resume, sets, debug))
