@@ -142,7 +142,7 @@ class MultimodalLM(nn.Module):
                         f"{n_slots} {name} placeholder positions in input_ids but no {spec.batch_key} were given"
                     )
                 continue
-            tokens = self.connectors[name](self.encoders[name](values.to(self.device)))
+            tokens = self.connect(name, values)
             media_tokens[name] = tokens
             if name in self.media_pos:
                 tokens = tokens + self.media_pos[name].to(tokens.dtype)
@@ -156,6 +156,19 @@ class MultimodalLM(nn.Module):
                 )
             embeds = embeds.masked_scatter(mask.unsqueeze(-1), tokens.to(embeds.dtype).reshape(-1, embeds.shape[-1]))
         return embeds, media_tokens
+
+    def connect(self, name: str, values: torch.Tensor) -> torch.Tensor:
+        """Modality ``name``'s connector output ``[items, M, D]`` for its batch tensor ``values``."""
+        return self.connectors[name](self.encoders[name](values.to(self.device)))
+
+    def media_only(self, **media) -> MultimodalOutput:
+        """The connector outputs of a batch's media, without running the LLM: for a stage whose
+        objectives read nothing else (SEA alignment), which then costs the encoder and connector only."""
+        tokens = {}
+        for name, spec in self.processor.media.items():
+            if media.get(spec.batch_key) is not None:
+                tokens[name] = self.connect(name, media[spec.batch_key])
+        return MultimodalOutput(None, media_tokens=tokens)
 
     # ------------------------------------------------------------------ forward
     def forward(

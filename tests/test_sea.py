@@ -233,6 +233,51 @@ def test_the_trainer_adds_the_weighted_sea_loss_to_an_unchanged_lm_loss(world, t
     model.zero_grad(set_to_none=True)
 
 
+def test_a_stage_of_sea_alone_never_runs_the_llm_and_gives_the_same_loss_and_gradients(world, tmp_path, monkeypatch):
+    """SEA reads the connector's output only: a stage whose objectives are [sea] costs the encoder
+    and connector, not an LLM forward (the lever that makes alignment cheap on a 135M-parameter LLM),
+    with the loss and gradients of the full forward."""
+    model, batch = world.model, world.batch
+    model.train()
+    raw = _raw(world.data)
+    raw["train"]["stages"][0]["objectives"] = [{"type": "sea", "temperature": 0.1}]
+    cfg = parse_config(raw)
+    st = cfg.train.stages[0]
+    objectives = build_objectives(st, model, "train.stages.0")
+    run = SimpleNamespace(
+        st=st,
+        where="train.stages.0",
+        model=model,
+        pmodel=model,
+        objectives=objectives,
+        accelerator=SimpleNamespace(autocast=contextlib.nullcontext),
+    )
+    connector = list(model.connectors["image"].parameters())
+    # the full forward's loss and connector gradients
+    model.zero_grad(set_to_none=True)
+    full = objectives[0](model(**model.inputs(batch)), batch, _step())["sea"]
+    full.backward()
+    want = [p.grad.clone() for p in connector]
+    model.zero_grad(set_to_none=True)
+
+    def no_llm(*a, **k):
+        raise AssertionError("the LLM ran in a stage that does not read it")
+
+    monkeypatch.setattr(model.llm, "forward", no_llm)
+    got = Trainer(cfg, tmp_path / "run")._losses(run, {**batch, "_position": 0})
+    assert set(got) == {"sea"}
+    torch.testing.assert_close(got["sea"], full.detach(), rtol=0, atol=0)
+    got["sea"].backward()
+    for g, w in zip([p.grad for p in connector], want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in model.llm.parameters())
+    # with lm in the stage the LLM runs (the patched forward says so)
+    with pytest.raises(AssertionError, match="the LLM ran"):
+        with_lm = SimpleNamespace(**{**vars(run), "objectives": build_objectives(world.st, model, "train.stages.0")})
+        Trainer(world.cfg, tmp_path / "run2")._losses(with_lm, {**batch, "_position": 0})
+    model.zero_grad(set_to_none=True)
+
+
 def test_a_connector_without_a_square_grid_of_tokens_is_refused_at_build(world):
     raw = _raw(world.data, connector={"type": "ovis", "vocab_size": 64}, sea_stage=1)
     cfg = parse_config(raw)  # the options are fine: only the built model shows the token count

@@ -31,7 +31,7 @@ from mmlm.data.pairs import batch_tokens
 from mmlm.data.sources import read_source
 from mmlm.errors import ConfigError, DataError, TrainingInterrupted, TrainingStopped
 from mmlm.evaluate import evaluate
-from mmlm.model import build
+from mmlm.model import TEXT_INPUTS, build
 from mmlm.objectives import Objective, StepInfo, build_objectives
 from mmlm.objectives.lm import supervised_positions
 from mmlm.registry import OBJECTIVES
@@ -326,10 +326,15 @@ class Trainer:
         hidden = any(o.needs_hidden_states for o in run.objectives)
         out = None  # objectives on pairs data run the model themselves (objectives/_base.py)
         if any(o.data_kind == "conversations" for o in run.objectives):
-            keep = logits_to_keep(run.model, run.objectives, batch)
-            extra = {} if keep is None else {"logits_to_keep": keep}
-            with self.procs.no_sync(run.accelerator, run.pmodel):
-                out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden, **extra)
+            if not reads_llm(run.objectives):  # SEA alone: the encoder and connector are all it needs
+                media = {k: v for k, v in run.model.inputs(batch).items() if k not in TEXT_INPUTS}
+                with run.accelerator.autocast():
+                    out = run.model.media_only(**media)
+            else:
+                keep = logits_to_keep(run.model, run.objectives, batch)
+                extra = {} if keep is None else {"logits_to_keep": keep}
+                with self.procs.no_sync(run.accelerator, run.pmodel):
+                    out = run.pmodel(**run.model.inputs(batch), output_hidden_states=hidden, **extra)
         losses: dict[str, torch.Tensor] = {}
         with run.accelerator.autocast():
             for obj in run.objectives:
@@ -483,6 +488,13 @@ def evaluate_quick(model, data: StageDataset, ev, procs: Processes | None = None
         share=(procs.index, procs.count) if several else None,
         gather=procs.gather if several else None,
     )
+
+
+def reads_llm(objectives: list[Objective]) -> bool:
+    """Whether any objective of a stage on conversations reads the LLM's output (logits or hidden
+    states); when none does, the trainer runs the encoders and connectors only."""
+    active = [o for o in objectives if o.data_kind == "conversations" and o.opts.weight != 0]
+    return not active or any(o.logits != "none" or o.needs_hidden_states for o in active)
 
 
 def logits_to_keep(model, objectives: list[Objective], batch: dict) -> torch.Tensor | None:
