@@ -359,15 +359,26 @@ def ask_cmd(
 
 
 def _print_table(title: str, m: dict) -> None:
+    use = m.get("image_use")
     t = Table(title=title)
     t.add_column("question type")
     t.add_column("n", justify="right")
     t.add_column("accuracy", justify="right")
+    if use:
+        t.add_column("with another sample's image", justify="right")
+    shuffled = (use or {}).get("by_type_shuffled", {})
     for k, v in m["by_type"].items():
         if k != "all":  # questions without a type are counted in the "all" row alone
-            t.add_row(k, str(m.get("n_by_type", {}).get(k, "")), f"{v:.3f}")
-    t.add_row("[bold]all[/]", str(m["n_eval"]), f"[bold]{m['vqa_accuracy']:.3f}[/]")
+            extra = [f"{shuffled[k]:.3f}" if k in shuffled else ""] if use else []
+            t.add_row(k, str(m.get("n_by_type", {}).get(k, "")), f"{v:.3f}", *extra)
+    extra = [f"[bold]{use['accuracy_shuffled']:.3f}[/]"] if use else []
+    t.add_row("[bold]all[/]", str(m["n_eval"]), f"[bold]{m['vqa_accuracy']:.3f}[/]", *extra)
     console.print(t)
+    if use:
+        console.print(
+            f"image use: answer loss {use['loss']:.3f} nats/token with each question's own image, "
+            f"{use['loss_shuffled']:.3f} with another sample's ({use['tokens']} answer tokens)"
+        )
 
 
 @app.command("eval")
@@ -383,9 +394,13 @@ def eval_cmd(
     task: Literal["vqa", "retrieval"] = typer.Option("vqa", help="vqa: answers; retrieval: MMEB-style ranking"),
     dim: int | None = typer.Option(None, help="retrieval: Matryoshka dimension of the embeddings"),
     instruction: str | None = typer.Option(None, help="retrieval: instruction given to every query"),
+    image_check: bool = typer.Option(
+        True, help="vqa: also score each question with another sample's image (loss and accuracy)"
+    ),
     set_: list[str] | None = SetOpt,
 ):
-    """vqa: exact-match accuracy, overall and per question type. retrieval: P@1, R@5, nDCG@10 and
+    """vqa: exact-match accuracy, overall and per question type, and whether the answers use the
+    image (the same questions shown another sample's image). retrieval: P@1, R@5, nDCG@10 and
     MRR of each query's own candidate list (the positive first), per subset and overall."""
     _quiet()
     overrides = tuple(set_ or ())
@@ -396,7 +411,7 @@ def eval_cmd(
     from mmlm.checkpoint import load
     from mmlm.data.dataset import StageDataset
     from mmlm.data.sources import LlavaOptions, read_llava
-    from mmlm.evaluate import evaluate
+    from mmlm.evaluate import evaluate, image_use
 
     try:
         model = load(checkpoint, overrides=overrides)
@@ -414,6 +429,10 @@ def eval_cmd(
         max_new_tokens=max_new_tokens,
         return_predictions=out is not None,
     )
+    if image_check:
+        use = image_use(model, ds, max_questions=max_questions, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        if use["n_eval"]:
+            m["image_use"] = use
     if m["skipped"]:
         console.print(f"left out {sum(m['skipped'].values())} samples whose images cannot be read: {m['skipped']}")
     _print_table(f"{checkpoint} on {data}", m)
@@ -731,10 +750,19 @@ def demo_cmd(
         m = run_demo(out, set_ or [], reporter=ConsoleReporter())
     if m.get("curve"):
         t = Table(title="accuracy curve (held-out subset)")
-        for col in ("step", "stage seconds", "loss", "accuracy"):
+        use = "shuffled_loss" in m["curve"][-1]
+        cols = ("step", "stage seconds", "loss", "accuracy")
+        for col in cols + (("held-out loss", "with other images", "accuracy with other images") if use else ()):
             t.add_column(col, justify="right")
         for pt in m["curve"]:
-            t.add_row(str(pt["step"]), str(pt["seconds"]), f"{pt['loss']:.3f}", f"{pt['vqa_accuracy']:.3f}")
+            extra = (
+                [f"{pt['heldout_loss']:.3f}", f"{pt['shuffled_loss']:.3f}", f"{pt['shuffled_accuracy']:.3f}"]
+                if use and "shuffled_loss" in pt
+                else ["", "", ""]
+                if use
+                else []
+            )
+            t.add_row(str(pt["step"]), str(pt["seconds"]), f"{pt['loss']:.3f}", f"{pt['vqa_accuracy']:.3f}", *extra)
         console.print(t)
     _print_table(f"held-out VQA ({m['n_eval']} questions)", m)
     if m.get("by_modality"):

@@ -10,7 +10,7 @@ from pathlib import Path
 from mmlm.config import load_config
 from mmlm.data.dataset import StageDataset
 from mmlm.data.sources import read_source
-from mmlm.evaluate import evaluate
+from mmlm.evaluate import evaluate, image_use
 from mmlm.train.runner import train
 
 DEMO_CONFIG = "shapes-tiny.yaml"
@@ -25,6 +25,7 @@ def run_demo(out: str | Path = "runs/demo", overrides=(), reporter=None, config:
     records = [r for j, src in enumerate(ev.data) for r in read_source(src, f"train.eval.data.{j}")]
     data = StageDataset(records, model.processor, "skip", name="heldout")
     result = evaluate(model, data, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
+    use = image_use(model, data, batch_size=ev.batch_size, max_new_tokens=ev.max_new_tokens)
     wall = time.time() - t0
     mfile = out / "metrics.json"
     metrics = json.loads(mfile.read_text()) if mfile.is_file() else {}
@@ -41,6 +42,8 @@ def run_demo(out: str | Path = "runs/demo", overrides=(), reporter=None, config:
             "checkpoint": str(out / "final"),
         }
     )
+    if use["n_eval"]:
+        metrics["image_use"] = use
     by_modality = modality_accuracy(result)
     if len(by_modality) > 1:
         metrics["by_modality"] = by_modality

@@ -16,6 +16,7 @@ import torch
 from mmlm.data.dataset import StageDataset
 from mmlm.data.records import Record
 from mmlm.errors import SampleError
+from mmlm.processor import IGNORE_INDEX
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -59,15 +60,21 @@ def evaluate(
     return_predictions: bool = False,
     share: tuple[int, int] | None = None,
     gather=None,
+    media_from: dict[int, int] | None = None,
 ) -> dict[str, Any]:
     """Greedy answers to every question of ``data``; accuracy overall and by question type. A record
     whose images cannot be read is left out and counted by reason under ``skipped`` (once per record).
 
     Several processes: ``share`` = (this process, processes) answers the questions of every
     processes-th record, and ``gather`` (an object -> list over processes) combines the counts, so
-    every process returns the whole evaluation's figures."""
+    every process returns the whole evaluation's figures.
+
+    ``media_from``: record -> the record whose media it is shown instead (``image_use``); only the
+    questions of the records it maps are asked."""
     proc = model.processor
     qs = questions_from(data.records)[:max_questions]
+    if media_from is not None:
+        qs = [q for q in qs if q.record in media_from]
     if share is not None:
         qs = [q for q in qs if q.record % share[1] == share[0]]
     correct: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -79,7 +86,7 @@ def evaluate(
         for q in qs[start : start + batch_size]:
             if cached[0] != q.record:
                 try:
-                    cached = (q.record, data.media(q.record))
+                    cached = (q.record, data.media(q.record if media_from is None else media_from[q.record]))
                 except SampleError as err:
                     cached = (q.record, None)
                     skipped[err.reason] += 1
@@ -136,3 +143,111 @@ def evaluate(
     if return_predictions:
         result["predictions"] = preds
     return result
+
+
+def media_key(data: StageDataset, i: int) -> tuple:
+    """What record ``i`` shows: its media files (or in-memory items) by modality."""
+    rec = data.records[i]
+    return (
+        tuple(str(p) if isinstance(p, str | bytes) or hasattr(p, "__fspath__") else id(p) for p in data.paths[i]),
+        tuple(map(str, rec.audios)),
+        tuple(map(str, rec.videos)),
+    )
+
+
+def shuffled_media(data: StageDataset, records: Sequence[int]) -> dict[int, int]:
+    """For each of ``records`` that has media, another record whose media it can be shown instead:
+    the same number of items of each modality, different files. Deterministic: within each group
+    of records with the same media counts, the donor is half the group further on (the next one
+    with other media), so every record gets one from another sample whenever the group has one."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in records:
+        key = media_key(data, i)
+        if any(key):
+            groups[tuple(map(len, key))].append(i)
+    out = {}
+    for members in groups.values():
+        n = len(members)
+        for k, i in enumerate(members):
+            mine = media_key(data, i)
+            for step in range(n // 2, n // 2 + n):
+                j = members[(k + step) % n]
+                if media_key(data, j) != mine:
+                    out[i] = j
+                    break
+    return out
+
+
+@torch.no_grad()
+def answer_loss(
+    model, data: StageDataset, records: Sequence[int], media_from: dict[int, int] | None = None, batch_size: int = 64
+) -> tuple[float, int]:
+    """(summed next-token loss, supervised tokens) of the assistant turns of ``records``, each shown
+    its own media or, with ``media_from``, another record's."""
+    from mmlm.objectives.lm import supervised_positions, token_loss
+
+    proc = model.processor
+    total, count = 0.0, 0
+    for start in range(0, len(records), batch_size):
+        encoded = []
+        for i in records[start : start + batch_size]:
+            try:
+                media = data.media(i if media_from is None else media_from[i])
+            except SampleError:
+                continue
+            encoded.append(proc.encode(data.records[i].messages, media or None, index=i))
+        if not encoded:
+            continue
+        batch = proc.collate(encoded)
+        labels = batch["labels"]
+        keep = model.llm_keeps_logits and not any(r.prunes for r in model.reducers.values())
+        extra = {"logits_to_keep": supervised_positions(labels)} if keep else {}
+        out = model(**model.inputs(batch), **extra)
+        targets = out.targets_for(labels.to(out.logits.device))
+        total += float(token_loss(out.logits, targets, reduction="sum"))
+        count += int((targets != IGNORE_INDEX).sum())
+    return total, count
+
+
+@torch.no_grad()
+def image_use(
+    model,
+    data: StageDataset,
+    max_questions: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    share: tuple[int, int] | None = None,
+    gather=None,
+) -> dict[str, Any]:
+    """Whether answers come from the media or from the question alone: on the records of the first
+    ``max_questions`` questions that have media, the answer loss per token with each record's own
+    media and with another sample's (``shuffled_media``), and the accuracy with the other media. A
+    model that reads its images has a much lower matched loss and falls towards chance when the
+    images are swapped; one that learnt only the answer format loses nothing."""
+    was_training = model.training
+    model.eval()
+    qs = questions_from(data.records)[:max_questions]
+    records = sorted({q.record for q in qs})
+    donors = shuffled_media(data, records)
+    mine = sorted(i for i in donors if share is None or i % share[1] == share[0])
+    matched, shuffled = (
+        answer_loss(model, data, mine, None, batch_size),
+        answer_loss(model, data, mine, donors, batch_size),
+    )
+    if gather is not None:
+        everyone = gather((matched, shuffled))
+        matched = tuple(map(sum, zip(*(m for m, _ in everyone), strict=True)))
+        shuffled = tuple(map(sum, zip(*(s for _, s in everyone), strict=True)))
+    swapped = evaluate(
+        model, data, max_questions, batch_size, max_new_tokens, share=share, gather=gather, media_from=donors
+    )
+    if was_training:
+        model.train()
+    return {
+        "loss": matched[0] / matched[1] if matched[1] else float("nan"),
+        "loss_shuffled": shuffled[0] / shuffled[1] if shuffled[1] else float("nan"),
+        "accuracy_shuffled": swapped["vqa_accuracy"],
+        "by_type_shuffled": swapped["by_type"],
+        "n_eval": swapped["n_eval"],
+        "tokens": matched[1],
+    }

@@ -99,6 +99,12 @@ class ConsoleReporter:
     def eval(self, name, step, m):
         by = "  ".join(f"{k} {v:.2f}" for k, v in m["by_type"].items())
         msg = f"  eval @ {name} step {step}: accuracy {m['vqa_accuracy']:.3f} on {m['n_eval']}  ({by})"
+        use = m.get("image_use")
+        if use:
+            msg += (
+                f"\n    image use: answer loss {use['loss']:.3f} with its image, {use['loss_shuffled']:.3f} with "
+                f"another sample's; accuracy with another's {use['accuracy_shuffled']:.3f}"
+            )
         (self.progress.console if self.progress else self.console).print(msg)
 
     def stage_end(self, name, summary):

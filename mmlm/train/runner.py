@@ -30,7 +30,7 @@ from mmlm.data.dataset import StageDataset
 from mmlm.data.pairs import batch_tokens
 from mmlm.data.sources import read_source
 from mmlm.errors import ConfigError, DataError, TrainingInterrupted, TrainingStopped
-from mmlm.evaluate import evaluate
+from mmlm.evaluate import evaluate, image_use
 from mmlm.model import TEXT_INPUTS, build
 from mmlm.objectives import Objective, StepInfo, build_objectives
 from mmlm.objectives.lm import supervised_positions
@@ -241,6 +241,10 @@ class Trainer:
                     "continue with the same command and --resume"
                 ) from err
             raise
+        finally:
+            # the model leaves the stage as it came: without accelerate's autocast wrapper on its
+            # forward (a bf16 stage must not make the next stage, or evaluation after training, bf16)
+            run.accelerator.unwrap_model(run.pmodel, keep_fp32_wrapper=False)
         return self._finish_stage(run)
 
     # -------------------------------------------------------------------------------- stage pieces
@@ -269,7 +273,7 @@ class Trainer:
             start, curve, loss_curve = info["step"], info.get("curve", []), info.get("loss_curve", [])
             window.restore(info.get("loss_window", {}))
             data.failed.update({int(i): reason for i, reason in info.get("failed", {}).items()})
-        accelerator = Accelerator(mixed_precision=st.precision, cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(mixed_precision=stage_precision(st.precision), cpu=not torch.cuda.is_available())
         model.to(accelerator.device)
         pmodel, optimizer = accelerator.prepare(model, optimizer)
         share = self.procs.share(st.batch_size, where)
@@ -407,6 +411,7 @@ class Trainer:
                     "loss": _rounded(run.window.last),
                     "vqa_accuracy": m["vqa_accuracy"],
                     "by_type": m["by_type"],
+                    **image_use_point(m.get("image_use")),
                 }
             )
             self.reporter.eval(st.name, done, m)
@@ -473,21 +478,48 @@ class Trainer:
         return summary
 
 
+def stage_precision(precision: str) -> str:
+    """``precision`` for a stage's ``Accelerator``. accelerate keeps one mixed-precision setting per
+    process (``AcceleratorState``) and refuses another; stages choose their own, so the state is
+    renewed when a stage changes it (the process group, in ``PartialState``, stays)."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state
+    if held and str(held.get("_mixed_precision", precision)) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
+    return precision
+
+
 def _rounded(x: float | None) -> float | None:
     return None if x is None else round(x, 4)
 
 
 def evaluate_quick(model, data: StageDataset, ev, procs: Processes | None = None) -> dict:
+    """The accuracy on ``train.eval`` and the image-use check (``mmlm.evaluate.image_use``) beside it."""
     several = procs is not None and procs.several
-    return evaluate(
-        model,
-        data,
-        max_questions=ev.max_questions,
-        batch_size=ev.batch_size,
-        max_new_tokens=ev.max_new_tokens,
-        share=(procs.index, procs.count) if several else None,
-        gather=procs.gather if several else None,
-    )
+    kw = {
+        "max_questions": ev.max_questions,
+        "batch_size": ev.batch_size,
+        "max_new_tokens": ev.max_new_tokens,
+        "share": (procs.index, procs.count) if several else None,
+        "gather": procs.gather if several else None,
+    }
+    m = evaluate(model, data, **kw)
+    use = image_use(model, data, **kw)
+    if use["n_eval"]:
+        m["image_use"] = use
+    return m
+
+
+def image_use_point(use: dict | None) -> dict:
+    """The image-use figures of a curve point (none when the evaluation data has no media)."""
+    if not use:
+        return {}
+    return {
+        "heldout_loss": round(use["loss"], 4),
+        "shuffled_loss": round(use["loss_shuffled"], 4),
+        "shuffled_accuracy": use["accuracy_shuffled"],
+    }
 
 
 def reads_llm(objectives: list[Objective]) -> bool:
