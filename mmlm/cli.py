@@ -729,6 +729,12 @@ def demo_cmd(
     video: bool = typer.Option(
         False, "--video", help="train the video recipe (the clips world; default --out runs/demo-video)"
     ),
+    llm: Literal["tiny", "smollm2"] = typer.Option(
+        "tiny",
+        "--llm",
+        help="tiny: a 3-layer Llama from scratch (shapes-tiny.yaml); smollm2: the pretrained SmolLM2-135M-Instruct "
+        "from its GGUF file, with LoRA (shapes-smollm2.yaml; default --out runs/demo-smollm2)",
+    ),
     port: int = typer.Option(7860, help="--chat: the chat's port"),
     set_: list[str] | None = SetOpt,
 ):
@@ -740,7 +746,15 @@ def demo_cmd(
 
     if audio and video:
         _fail(ValueError("give --audio or --video, not both"))
-    if audio or video:
+    if llm != "tiny" and (audio or video or embed):
+        _fail(ValueError("--llm smollm2 trains the image recipe; it does not combine with --audio, --video or --embed"))
+    if llm == "smollm2":
+        from mmlm.demo import SMOLLM2_CONFIG
+
+        if out == Path("runs/demo"):
+            out = Path("runs/demo-smollm2")
+        m = run_demo(out, set_ or [], reporter=ConsoleReporter(), config=SMOLLM2_CONFIG)
+    elif audio or video:
         from mmlm.demo import AUDIO_CONFIG, VIDEO_CONFIG
 
         if out == Path("runs/demo"):

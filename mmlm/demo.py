@@ -14,6 +14,7 @@ from mmlm.evaluate import evaluate, image_use
 from mmlm.train.runner import train
 
 DEMO_CONFIG = "shapes-tiny.yaml"
+SMOLLM2_CONFIG = "shapes-smollm2.yaml"  # the same world with the pretrained SmolLM2-135M-Instruct
 
 
 def run_demo(out: str | Path = "runs/demo", overrides=(), reporter=None, config: str = DEMO_CONFIG) -> dict:

@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import pytest
 
 from mmlm.config import apply_override, load_config, parse_config
 from mmlm.errors import ConfigError
 from tests.helpers import tiny_raw
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_unknown_connector_names_key_path_and_choices():
@@ -90,10 +94,11 @@ def test_encoder_without_connector_is_reported():
         parse_config(raw)
 
 
-def test_shipped_recipe_validates_and_variables_resolve(tmp_path):
-    cfg = load_config("configs/shapes-tiny.yaml", variables={"out": str(tmp_path)})
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_shipped_recipe_validates_and_variables_resolve(tmp_path, recipe):
+    cfg = load_config(f"configs/{recipe}", variables={"out": str(tmp_path)})
     paths = [src.options()["path"] for st in cfg.train.stages for src in st.data]
-    assert all(p.startswith(str(tmp_path)) for p in paths)
+    assert paths and all(p.startswith(str(tmp_path)) for p in paths)
 
 
 def test_dimension_mismatch_is_caught_at_build_with_both_sizes():
