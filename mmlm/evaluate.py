@@ -184,7 +184,7 @@ def answer_loss(
 ) -> tuple[float, int]:
     """(summed next-token loss, supervised tokens) of the assistant turns of ``records``, each shown
     its own media or, with ``media_from``, another record's."""
-    from mmlm.objectives.lm import supervised_positions, token_loss
+    from mmlm.objectives.lm import supervised_cells, token_loss
 
     proc = model.processor
     total, count = 0.0, 0
@@ -201,7 +201,7 @@ def answer_loss(
         batch = proc.collate(encoded)
         labels = batch["labels"]
         keep = model.llm_keeps_logits and not any(r.prunes for r in model.reducers.values())
-        extra = {"logits_to_keep": supervised_positions(labels)} if keep else {}
+        extra = {"logits_to_keep": supervised_cells(labels)} if keep else {}
         out = model(**model.inputs(batch), **extra)
         targets = out.targets_for(labels.to(out.logits.device))
         total += float(token_loss(out.logits, targets, reduction="sum"))

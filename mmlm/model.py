@@ -55,6 +55,8 @@ class MultimodalOutput:
     kept: tuple[torch.Tensor, torch.Tensor] | None = None
     # with ``logits_to_keep`` the logits cover these sequence positions only (1-D, the same for every row)
     positions: torch.Tensor | None = None
+    # with a 2-D ``logits_to_keep`` mask: the (rows, columns) of the logits, which are ``[1, N, V]``
+    cells: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def labels_for(self, labels: torch.Tensor) -> torch.Tensor:
         """The batch's ``labels`` for the positions the logits cover."""
@@ -67,6 +69,8 @@ class MultimodalOutput:
         """The next-token target of each logit (IGNORE_INDEX where none is learnt): ``labels``
         shifted by one along the sequence the logits cover."""
         shifted = F.pad(self.labels_for(labels).to(self.logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
+        if self.cells is not None:
+            return shifted[self.cells].unsqueeze(0)
         return shifted if self.positions is None else shifted[:, self.positions.to(shifted.device)]
 
 
@@ -119,6 +123,19 @@ class MultimodalLM(nn.Module):
     def llm_keeps_logits(self) -> bool:
         """Whether the LLM's forward takes ``logits_to_keep`` (transformers' causal LMs do)."""
         return "logits_to_keep" in inspect.signature(self.llm.forward).parameters
+
+    @property
+    def llm_head_apart(self) -> bool:
+        """Whether the LLM's logits are its output embeddings applied to its decoder's last hidden
+        state and nothing else (transformers' Llama, Qwen, Mistral, SmolLM...; not models that scale
+        or soft-cap their logits): then the LM head can run on any set of (row, position) cells."""
+        get = getattr(self.llm, "get_decoder", None)
+        if get is None or self.llm.get_output_embeddings() is None:
+            return False
+        cfg = getattr(self.llm, "config", None)
+        if any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("final_logit_softcapping", "logit_scale")):
+            return False
+        return isinstance(get(), nn.Module) and get() is not self.llm
 
     def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The entries of a processor batch that ``forward`` takes (text inputs and media tensors);
@@ -183,13 +200,22 @@ class MultimodalLM(nn.Module):
     ) -> MultimodalOutput:
         """``media``: one tensor per modality under its batch key (``pixel_values=`` for images).
         ``logits_to_keep``: the sequence positions (1-D) whose logits are computed, as transformers'
-        causal LMs take it; the LM head then never runs on the others (``supervised_positions``)."""
+        causal LMs take it; the LM head then never runs on the others (``supervised_positions``). A
+        boolean ``[B, S]`` mask instead names exact cells (``supervised_cells``): the LM head runs on
+        those alone and the logits are ``[1, N, V]`` in row-major order (``llm_head_apart`` models;
+        others compute the positions any row needs)."""
         known = {spec.batch_key for spec in self.processor.media.values()}
         unknown = sorted(set(media) - known)
         if unknown:
             raise TypeError(f"unexpected inputs {unknown}; this model takes media as {sorted(known) or 'none'}")
         embeds, media_tokens = self.embed_inputs(input_ids, media)
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        if logits_to_keep is not None and logits_to_keep.ndim == 2:
+            if self.llm_head_apart and not any(r.prunes for r in self.reducers.values()):
+                return self._cell_forward(
+                    embeds, attention_mask, position_ids, labels, output_hidden_states, logits_to_keep, media_tokens
+                )
+            logits_to_keep = logits_to_keep.any(0).nonzero().squeeze(1)  # the positions some row needs
         keep = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep.to(embeds.device)}
         with self.pruning(input_ids, mask) as pruning:
             if keep and pruning is not None:
@@ -218,6 +244,24 @@ class MultimodalLM(nn.Module):
         result = MultimodalOutput(out.logits, None, getattr(out, "hidden_states", None), media_tokens, kept=pruning.cur)
         if labels is not None:
             result.loss = causal_lm_loss(out.logits, result.labels_for(labels))
+        return result
+
+    def _cell_forward(self, embeds, attention_mask, position_ids, labels, output_hidden_states, cells, media_tokens):
+        """The decoder on every position, the LM head on the ``cells`` (a ``[B, S]`` mask) only."""
+        out = self.llm.get_decoder()(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+        at = cells.to(embeds.device).nonzero(as_tuple=True)
+        logits = self.llm.get_output_embeddings()(out.last_hidden_state[at]).unsqueeze(0)
+        result = MultimodalOutput(logits, None, getattr(out, "hidden_states", None), media_tokens, cells=at)
+        if labels is not None:
+            from mmlm.objectives.lm import token_loss
+
+            result.loss = token_loss(logits, result.targets_for(labels))
         return result
 
     def pruning(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, gather: bool = True):

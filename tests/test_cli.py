@@ -172,6 +172,10 @@ def test_eval_counts_every_question_and_writes_metrics(shapes_dir, tmp_path):
     preds = m["predictions"]
     assert len(preds) == n and {p["type"] for p in preds} == set(m["by_type"])
     assert sum(p["correct"] for p in preds) == round(m["vqa_accuracy"] * n)
+    # beside the accuracy, every question asked again with another sample's image
+    use = m["image_use"]
+    assert use["n_eval"] == n and use["tokens"] > n and set(use["by_type_shuffled"]) == set(m["by_type"])
+    assert "image use: answer loss" in r.output and "with another sample's image" in r.output
     # questions without a type: one "all" row, not two
     untyped = tmp_path / "untyped.jsonl"
     untyped.write_text(

@@ -33,6 +33,13 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return (target != IGNORE_INDEX).any(0).nonzero().squeeze(1)
 
 
+def supervised_cells(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, S]``: the (row, position) cells whose logit has a next-token target; the LM head runs on
+    these alone where the LLM allows it (``MultimodalLM.llm_head_apart``). Rows whose answers sit at
+    different positions (multi-turn samples) then cost their own answers, not the union of all."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:] != IGNORE_INDEX
+
+
 class LMOptions(ObjectiveOptions):
     pass
 

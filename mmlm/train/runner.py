@@ -33,7 +33,7 @@ from mmlm.errors import ConfigError, DataError, TrainingInterrupted, TrainingSto
 from mmlm.evaluate import evaluate, image_use
 from mmlm.model import TEXT_INPUTS, build
 from mmlm.objectives import Objective, StepInfo, build_objectives
-from mmlm.objectives.lm import supervised_positions
+from mmlm.objectives.lm import supervised_cells
 from mmlm.registry import OBJECTIVES
 from mmlm.train.batches import StageBatches, iter_batches
 from mmlm.train.freeze import apply_trainable, param_groups
@@ -537,7 +537,7 @@ def logits_to_keep(model, objectives: list[Objective], batch: dict) -> torch.Ten
     if "all" in kinds or not model.llm_keeps_logits or any(r.prunes for r in model.reducers.values()):
         return None
     if "supervised" in kinds:
-        return supervised_positions(batch["labels"])
+        return supervised_cells(batch["labels"])  # exact cells, or their positions where the LLM needs that
     return torch.zeros(0, dtype=torch.long)  # no objective reads a logit
 
 
