@@ -57,8 +57,9 @@ def test_the_head_on_supervised_positions_gives_the_full_loss_and_gradients(tmp_
 
 def test_the_head_on_exact_cells_costs_each_rows_own_answers_with_the_full_loss_and_gradients(tmp_path, monkeypatch):
     """Multi-turn rows have their answers at different positions: the union of positions covers more
-    cells than the rows learn from (SmolLM2 on 16 shapes-world samples of 5 questions: 400 against 244). The head on the exact (row, position) cells gives the full
-    loss and gradients; an LLM whose head cannot be split off falls back to the union."""
+    cells than the rows learn from (SmolLM2 on 16 shapes-world samples of 5 questions: 400 against
+    244). The head on the exact (row, position) cells gives the full loss and gradients; an LLM whose
+    head cannot be split off falls back to the union."""
     cfg = parse_config(tiny_raw(str(tmp_path / "d"), n=8))
     recs = read_source(cfg.train.stages[1].data[0])[:6]  # vqa: several questions per image
     torch.manual_seed(0)
