@@ -219,3 +219,37 @@ def test_stage_runs_one_stage_into_an_existing_run(shapes_dir, tmp_path):
         ],
     )
     assert r.exit_code == 2 and "train.stages.1.lr: 0.001 -> 0.5" in r.output
+
+
+def test_the_smollm2_demo_trains_the_pretrained_llm_with_lora_and_reports_image_use(smollm2_path, tmp_path):
+    """`mmlm demo --llm smollm2`, shortened by --set: the shipped recipe end to end (SmolLM2 from its
+    GGUF file, alignment without the LLM, LoRA instruction tuning in bf16, the held-out table with the
+    image-use check). The checkpoint keeps the LLM by reference: adapters, not SmolLM2's weights."""
+    from safetensors.torch import load_file
+
+    short = [
+        "train.stages.0.steps=2",
+        "train.stages.0.data.0.n=8",
+        "train.stages.1.steps=2",
+        "train.stages.1.batch_size=2",
+        "train.stages.1.eval_every=1",
+        "train.stages.1.data.0.n=8",
+        "train.eval.data.0.n=3",
+        "train.eval.max_questions=4",
+    ]
+    args = ["demo", "--llm", "smollm2", "--out", str(tmp_path / "run")]
+    r = runner.invoke(app, args + [a for s in short for a in ("--set", s)])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(m["stages"]) == {"align", "vqa"} and m["n_eval"] >= 10
+    assert m["stages"]["align"]["losses"].keys() == {"sea", "sea_norm"}  # the stage that never runs the LLM
+    use = m["image_use"]
+    assert use["n_eval"] == m["n_eval"] and use["loss"] > 0 and use["loss_shuffled"] > 0
+    assert [p["step"] for p in m["curve"]] == [1, 2] and all("shuffled_accuracy" in p for p in m["curve"])
+    assert "with another sample's image" in r.output and "image use: answer loss" in r.output
+    saved = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    llm = [k for k in saved if k.startswith("llm.")]
+    assert llm and all(".lora_" in k for k in llm), llm[:5]
+    # the SmolLM2 recipe is the image recipe: other modalities are refused, naming the options
+    r = runner.invoke(app, ["demo", "--llm", "smollm2", "--audio", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--llm smollm2" in r.output and "--audio" in r.output

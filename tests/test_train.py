@@ -218,38 +218,37 @@ def test_a_run_can_start_from_another_runs_checkpoint_with_a_new_pooling(tmp_pat
 
 
 def test_stages_choose_their_own_precision_in_one_process(data_dir, tmp_path):
-    """accelerate keeps one mixed-precision setting per process; a bf16 stage between fp32 ones runs
-    in bf16 autocast, and neither the next stage nor the trained model stays in it."""
+    """accelerate keeps one mixed-precision setting per process and skips a model it has prepared
+    before; a bf16 stage between fp32 ones still runs in bf16 autocast, and neither the next stage
+    nor the trained model stays in it."""
     raw = tiny_raw(data_dir, n=40, steps=2)
     raw["train"]["stages"][1]["precision"] = "bf16"
     raw["train"]["stages"].append({**raw["train"]["stages"][0], "name": "again", "precision": "no"})
     seen = []
 
-    def spy(module, args, kwargs, out):  # the dtype the LLM computes in, stage by stage
-        seen.append(out.logits.dtype)
+    def spy(module, args, out):  # the dtype the LLM computes in, forward by forward
+        seen.append(out.dtype)
 
     cfg = parse_config(raw)
-    model = train(cfg, tmp_path / "run")
-    assert [s for s in json.loads((tmp_path / "run" / "metrics.json").read_text())["stages"]] == [
-        "align",
-        "instruct",
-        "again",
-    ]
+    from mmlm.model import build
+
+    torch.manual_seed(0)
+    model = build(cfg, texts=TEXTS_OF(cfg))
+    hook = model.llm.get_decoder().layers[0].mlp.down_proj.register_forward_hook(spy)
+    trained = train(cfg, tmp_path / "run", model=model)
+    hook.remove()
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert seen == [f32, f32, bf16, bf16, f32, f32]  # align, instruct (bf16), again: two steps each
     # the model coming out of training computes in fp32, exactly as the saved checkpoint does
     saved = load(tmp_path / "run" / "final")
-    hook = model.llm.register_forward_hook(spy, with_kwargs=True)
     batch = saved.processor.collate([saved.processor.encode([{"role": "user", "content": "red circle"}])])
     with torch.no_grad():
-        got = model(**model.inputs(batch)).logits
-    hook.remove()
-    assert seen == [torch.float32]
-    with torch.no_grad():
-        torch.testing.assert_close(got, saved(**saved.inputs(batch)).logits, rtol=0, atol=0)
-    # and the bf16 stage did run in bf16: its LLM computed bf16 logits
-    seen.clear()
-    raw["train"]["stages"] = raw["train"]["stages"][1:2]
-    raw["train"]["init_from"] = str(tmp_path / "run" / "final")
-    model = load(tmp_path / "run" / "final")
-    model.llm.register_forward_hook(spy, with_kwargs=True)
-    train(parse_config(raw), tmp_path / "bf16", model=model)
-    assert seen and set(seen) == {torch.bfloat16}
+        out = trained(**trained.inputs(batch)).logits
+        assert out.dtype == f32
+        torch.testing.assert_close(out, saved(**saved.inputs(batch)).logits, rtol=0, atol=0)
+
+
+def TEXTS_OF(cfg):
+    from mmlm.data.sources import read_source
+
+    return [t for st in cfg.train.stages for src in st.data for r in read_source(src) for t in r.texts()]

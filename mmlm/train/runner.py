@@ -245,6 +245,9 @@ class Trainer:
             # the model leaves the stage as it came: without accelerate's autocast wrapper on its
             # forward (a bf16 stage must not make the next stage, or evaluation after training, bf16)
             run.accelerator.unwrap_model(run.pmodel, keep_fp32_wrapper=False)
+            # and unmarked: accelerate skips a model it has prepared before, so the next stage's
+            # precision (autocast) and wrapping would silently not apply
+            run.model.__dict__.pop("_is_accelerate_prepared", None)
         return self._finish_stage(run)
 
     # -------------------------------------------------------------------------------- stage pieces
