@@ -776,7 +776,8 @@ def demo_cmd(
                 if use
                 else []
             )
-            t.add_row(str(pt["step"]), str(pt["seconds"]), f"{pt['loss']:.3f}", f"{pt['vqa_accuracy']:.3f}", *extra)
+            loss = "-" if pt.get("loss") is None else f"{pt['loss']:.3f}"  # none before the first logged step
+            t.add_row(str(pt["step"]), str(pt["seconds"]), loss, f"{pt['vqa_accuracy']:.3f}", *extra)
         console.print(t)
     _print_table(f"held-out VQA ({m['n_eval']} questions)", m)
     if m.get("by_modality"):

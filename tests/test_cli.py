@@ -235,7 +235,7 @@ def test_the_smollm2_demo_trains_the_pretrained_llm_with_lora_and_reports_image_
         "train.stages.1.eval_every=1",
         "train.stages.1.data.0.n=8",
         "train.eval.data.0.n=3",
-        "train.eval.max_questions=4",
+        "train.eval.max_questions=12",  # questions about more than one image: the image-use check has donors
     ]
     args = ["demo", "--llm", "smollm2", "--out", str(tmp_path / "run")]
     r = runner.invoke(app, args + [a for s in short for a in ("--set", s)])
